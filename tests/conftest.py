@@ -37,3 +37,51 @@ def smol_fp32():
     from tide.models import load_target
 
     return load_target(ModelConfig(dtype="float32"))
+
+
+def save_tiny_model_dir(path, vocab_source="smollm2-135m", seed=0, hidden=64, layers=4):
+    """A tiny random llama with the real SmolLM2 tokenizer, saved as a HF folder, so config,
+    actors and the HTTP front load it like any model (`model.source=<folder>`)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from tide.models import resolve_source
+
+    folder, _ = resolve_source(ModelConfig(source=vocab_source))
+    tok = AutoTokenizer.from_pretrained(folder)
+    target = tiny_target(vocab=len(tok), hidden=hidden, layers=layers, seed=seed)
+    target.model.generation_config.eos_token_id = tok.eos_token_id
+    target.model.config.eos_token_id = tok.eos_token_id
+    path = Path(path)
+    target.model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real Redis server of our own on a free port (never the shared 6379)."""
+    from tide.transport.redis_server import start_redis
+
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="tide-tests",
+             _node_ip_address="127.0.0.1", logging_level="WARNING")
+    yield ray
+    ray.shutdown()

@@ -51,6 +51,28 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--peer", choices=["pld"], help="also run a reference method")
     b.add_argument("--json", required=True, help="write the results here")
     _common(b)
+    u = sub.add_parser("up", help="start Redis, Ray, serving actors, trainer, HTTP and W&B")
+    u.add_argument("--run-dir", default="runs/latest", help="logs, status and history go here")
+    u.add_argument("--foreground", action="store_true", help="stay attached (Ctrl-C stops)")
+    _common(u)
+
+    for name, text in [("down", "stop what `tide up` started"), ("status", "live state as JSON")]:
+        d = sub.add_parser(name, help=text)
+        d.add_argument("--run-dir", default="runs/latest")
+
+    pl = sub.add_parser("plot", help="PNG of acceptance length over time from a run's history")
+    pl.add_argument("--run-dir", default="runs/latest")
+    pl.add_argument("--out", help="PNG path (default: RUN_DIR/acceptance.png)")
+
+    ld = sub.add_parser("load", help="send real prompts to the HTTP API and report")
+    ld.add_argument("--prompts", default="builtin", help="JSONL prompt file, or 'builtin'")
+    ld.add_argument("--url", default="http://127.0.0.1:8000")
+    ld.add_argument("--concurrency", type=int, default=1)
+    ld.add_argument("--requests", type=int, help="stop after N requests")
+    ld.add_argument("--duration", type=float, help="stop after S seconds")
+    ld.add_argument("--max-tokens", type=int, default=128)
+    ld.add_argument("--temperature", type=float, default=0.0)
+    ld.add_argument("--json", help="also write the report here")
     return ap
 
 
@@ -139,7 +161,74 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "train-offline": cmd_train_offline, "bench": cmd_bench}
+def cmd_up(args) -> int:
+    from serving import launcher
+
+    cfg = _cfg(args)  # validate here: a bad config fails before anything starts
+    run_dir = Path(args.run_dir)
+    if args.foreground:
+        from serving.controller import run_foreground
+
+        return run_foreground(cfg, run_dir)
+    return launcher.up(run_dir, args.config, args.overrides)
+
+
+def cmd_down(args) -> int:
+    from serving import launcher
+
+    return launcher.down(Path(args.run_dir))
+
+
+def cmd_status(args) -> int:
+    from serving import launcher
+
+    return launcher.status(Path(args.run_dir))
+
+
+def cmd_plot(args) -> int:
+    from serving.plot import load_history, plot_history
+
+    run_dir = Path(args.run_dir)
+    hist = run_dir / "history.jsonl"
+    if not hist.exists():
+        print(f"tide: no history at {hist}: start a run with `tide up` first", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else run_dir / "acceptance.png"
+    try:
+        print(json.dumps(plot_history(load_history(hist), out)))
+    except ValueError as e:
+        print(f"tide: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_load(args) -> int:
+    import os
+
+    from serving.load import format_report, run_load
+    from tide.prompts import load_prompts
+
+    prompts = load_prompts(args.prompts)
+    def show(r: dict) -> None:
+        if r["status"] != 200:
+            print(f"  {r['status']} {r['latency_s']:.2f}s {r.get('error', '')}", file=sys.stderr)
+            return
+        accept = (r["accepted_tokens"] + r["verify_passes"]) / max(r["verify_passes"], 1)
+        print(f"  200 {r['latency_s']:.2f}s draft v{r['draft_version']} accept len {accept:.2f}",
+              file=sys.stderr)
+
+    report = run_load(args.url, prompts, args.concurrency, args.requests, args.duration,
+                      args.max_tokens, args.temperature, api_key=os.environ.get("TIDE_API_KEY"),
+                      on_result=show)
+    text = format_report(report)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0 if report["failed"] == 0 else 1
+
+
+COMMANDS = {"generate": cmd_generate, "train-offline": cmd_train_offline, "bench": cmd_bench,
+            "up": cmd_up, "down": cmd_down, "status": cmd_status, "plot": cmd_plot, "load": cmd_load}
 
 
 def main(argv: list[str] | None = None) -> int:

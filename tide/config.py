@@ -52,17 +52,74 @@ class DecodeConfig:
 
 @dataclass
 class TrainConfig:
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     ttt_steps: int = 3  # training-time-test unroll depth
     seq_len: int = 512  # records are cut into windows of this many positions
-    batch_size: int = 8
-    epochs: int = 6
+    batch_size: int = 4
+    epochs: int = 8
     grad_clip: float = 1.0
     seed: int = 0
     # warm start: how the target writes the answers it is trained on
     gen_max_new_tokens: int = 192
     gen_batch_size: int = 16
+    gen_samples: int = 2  # answers per prompt: the first greedy, the rest sampled
+    gen_temperature: float = 0.8
+
+
+@dataclass
+class OnlineConfig:
+    """When the online trainer trains and publishes (TIDE's selective training control)."""
+
+    enabled: bool = True  # false: a static draft (the comparison run)
+    buffer_records: int = 256  # replay buffer of recent records
+    holdout_every: int = 4  # every n-th record is held out for the eval gate
+    holdout_records: int = 24  # the most recent held-out records: the gate follows the traffic
+    min_records: int = 8  # train only once this many records are buffered
+    eval_every: int = 25  # train steps between eval-gate decisions
+    gate_margin: float = 0.02  # candidate must beat the serving draft by this (sim. accept len)
+    ema_short: float = 0.3  # weights of the short / long moving averages of served acceptance
+    ema_long: float = 0.02
+    drift_margin: float = 0.25  # drift: short average below long average by this much
+    goal_accept_len: float = 3.5  # keep training while served acceptance is below this
+    patience: int = 4  # gate rejections in a row (no drift) before training pauses
+    threads: int = 1
+
+
+@dataclass
+class RedisConfig:
+    url: str | None = None  # null: start an embedded redis-server on 127.0.0.1
+    url_env: str = "TIDE_REDIS_URL"  # when this env var is set it wins (passwords stay out of files)
+    prefix: str = "tide"
+    stream_maxlen: int = 2000  # records stream cap (XADD MAXLEN ~)
+    port: int = 0  # embedded server port; 0 picks a free one
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # null: start a local cluster on loopback; else join this one
+    num_cpus: int = 0  # local cluster size; 0 = all cores
+    dashboard: bool = True
+    dashboard_port: int = 8265
+
+
+@dataclass
+class ServingConfig:
+    replicas: int = 1
+    max_queue: int = 8  # requests waiting per replica before new ones are refused
+    swap_poll_s: float = 0.5  # how often a replica checks for newly published draft weights
+    record_queue: int = 32  # records waiting to be written before new ones are dropped
+    capture: bool = True  # stream hidden states of served requests
+    threads: int = 1  # torch threads per replica
+    host: str = "127.0.0.1"  # HTTP front (OpenAI-compatible)
+    port: int = 8000
+    api_key_env: str = "TIDE_API_KEY"  # when set, every route but /health needs this bearer key
+
+
+@dataclass
+class WandbConfig:
+    project: str = "tide"
+    mode: str | None = None  # null: online when WANDB_API_KEY is set, else offline
 
 
 @dataclass
@@ -71,6 +128,12 @@ class TideConfig:
     draft: DraftConfig = field(default_factory=DraftConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run_dir: str = "runs"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TideConfig:
@@ -107,10 +170,20 @@ def _validate(cfg: TideConfig) -> None:
         (cfg.draft.vocab_size >= 16, f"draft.vocab_size must be >= 16, not {cfg.draft.vocab_size}"),
         (cfg.train.ttt_steps >= 1, f"train.ttt_steps must be >= 1, not {cfg.train.ttt_steps}"),
         (cfg.train.lr > 0, f"train.lr must be > 0, not {cfg.train.lr}"),
+        (cfg.serving.replicas >= 1, f"serving.replicas must be >= 1, not {cfg.serving.replicas}"),
+        (cfg.serving.max_queue >= 1, f"serving.max_queue must be >= 1, not {cfg.serving.max_queue}"),
+        (cfg.redis.stream_maxlen >= 1, "redis.stream_maxlen must be >= 1"),
+        (cfg.wandb.mode in (None, "online", "offline", "disabled"),
+         f"wandb.mode must be online, offline or disabled, not {cfg.wandb.mode!r}"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+
+
+def from_dict(data: dict) -> TideConfig:
+    """Rebuild a config sent between processes as plain data (JSON-safe, never pickled)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TideConfig), data))
 
 
 def to_dict(cfg) -> dict:

@@ -34,6 +34,7 @@ class HiddenStateRecord:
     features: torch.Tensor  # (T, 3H): target features at positions 0..T-1
     final_hidden: torch.Tensor  # (T, H): final-norm output at positions 0..T-1
     prompt_len: int  # positions < prompt_len are the prompt
+    accept_len: float = 0.0  # the request's served acceptance length (0: not served speculatively)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -54,6 +55,7 @@ class HiddenStateRecord:
             "target_model_id": self.target_model_id,
             "draft_version": self.draft_version,
             "prompt_len": self.prompt_len,
+            "accept_len": self.accept_len,
             "positions": [0, self.num_positions],
         }
 
@@ -87,4 +89,5 @@ class HiddenStateRecord:
             features=tensors["features"],
             final_hidden=tensors["final_hidden"],
             prompt_len=int(header["prompt_len"]),
+            accept_len=float(header.get("accept_len", 0.0)),
         )

@@ -180,7 +180,8 @@ def _finish(new: list[int], eos: set[int], max_new: int) -> tuple[list[int], str
 @torch.inference_mode()
 def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
                          params: DecodeConfig, max_context: int = 2048,
-                         capture: bool = False) -> Generation:
+                         capture: bool = False, on_tokens=None) -> Generation:
+    """on_tokens(list[int]) receives the newly final tokens after every verify pass (streaming)."""
     _check_room(target, len(prompt_ids), max_context)
     gen = _generator(params)
     t0 = time.perf_counter()
@@ -191,8 +192,12 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
     g = Generation(tokens=[], finish_reason="length", prompt_len=len(prompt_ids),
                    accepted_per_pos=[0] * params.k, prefill_s=time.perf_counter() - t0)
     new, reason = _finish([y], target.eos_ids, params.max_new_tokens)
+    emitted = 0
     embed = target.embed
     while reason is None:
+        if on_tokens is not None and len(new) > emitted:
+            on_tokens(new[emitted:])
+            emitted = len(new)
         k = min(params.k, max_context - s.length - 1)
         if k < 1:
             reason = "length"
@@ -211,6 +216,8 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
         for i in range(a):
             g.accepted_per_pos[i] += 1
         new, reason = _finish(s.sequence[len(prompt_ids):], target.eos_ids, params.max_new_tokens)
+    if on_tokens is not None and len(new) > emitted:
+        on_tokens(new[emitted:])
     g.tokens, g.finish_reason = new, reason
     if capture:
         g.sequence = s.sequence

@@ -110,6 +110,7 @@ def simulated_accept_len(accs: list[float]) -> float:
 
 def train_step(head: DraftHead, embed, target_lm_rows, batch: Batch, optimizer, steps: int,
                grad_clip: float) -> dict:
+    """One optimizer step in fp32 (bf16 autocast measured ~5x slower for training on this CPU)."""
     head.train()
     loss, accs = ttt_forward(head, embed, target_lm_rows, batch, steps)
     optimizer.zero_grad(set_to_none=True)

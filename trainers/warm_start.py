@@ -23,8 +23,12 @@ log = logging.getLogger(__name__)
 
 @torch.inference_mode()
 def generate_records(target: Target, prompts: list[Prompt], max_new_tokens: int,
-                     batch_size: int) -> list[HiddenStateRecord]:
-    """Greedy answers in batches, then one teacher-forced pass per batch for the features."""
+                     batch_size: int, temperature: float = 0.0, seed: int = 0) -> list[HiddenStateRecord]:
+    """Answers in batches (greedy, or sampled at `temperature` for more varied data), then one
+    teacher-forced pass per batch for the features."""
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 \
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     tok = target.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(target.eos_ids)
     eos = target.eos_ids
@@ -38,8 +42,7 @@ def generate_records(target: Target, prompts: list[Prompt], max_new_tokens: int,
         for b, e in enumerate(encoded):  # left padding for generation
             ids[b, L - len(e):], attn[b, L - len(e):] = torch.tensor(e), 1
         out = target.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-                                    do_sample=False, temperature=None, top_p=None, top_k=None,
-                                    pad_token_id=pad)
+                                    pad_token_id=pad, **sampling)
         seqs = []
         for b, e in enumerate(encoded):
             gen = out[b, L:].tolist()
@@ -106,15 +109,40 @@ def train_head(head, target: Target, train: list, holdout: list, cfg: TideConfig
     return history
 
 
-def warm_start(cfg: TideConfig, prompts: list[Prompt], out_dir: str | Path) -> dict:
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+def save_records(records: list[HiddenStateRecord], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, r in enumerate(records):
+        (folder / f"{i:05d}.rec").write_bytes(r.to_bytes())
+
+
+def load_records(folder: str | Path) -> list[HiddenStateRecord]:
+    return [HiddenStateRecord.from_bytes(p.read_bytes()) for p in sorted(Path(folder).glob("*.rec"))]
+
+
+def warm_start(cfg: TideConfig, prompts: list[Prompt], out_dir: str | Path,
+               records_dir: str | Path | None = None) -> dict:
+    """Train a head; records are read from `records_dir` when it holds some, else generated
+    (and saved there when given, so a later run with other training settings can reuse them)."""
     target = load_target(cfg.model, cfg.draft.feature_layers)
     t0 = time.perf_counter()
-    records = generate_records(target, prompts, cfg.train.gen_max_new_tokens, cfg.train.gen_batch_size)
+    if records_dir and any(Path(records_dir).glob("*.rec")):
+        records = load_records(records_dir)
+        log.info("loaded %d records from %s", len(records), records_dir)
+    else:
+        tc = cfg.train
+        records = generate_records(target, prompts, tc.gen_max_new_tokens, tc.gen_batch_size)
+        for i in range(1, tc.gen_samples):  # extra sampled answers: more of the target's behaviour
+            records += generate_records(target, prompts, tc.gen_max_new_tokens, tc.gen_batch_size,
+                                        tc.gen_temperature, seed=i)
+        if records_dir:
+            save_records(records, Path(records_dir))
     gen_s = time.perf_counter() - t0
     counts = token_counts(records, target.config.vocab_size)
     head = new_head(target, cfg.draft.vocab_size, counts, seed=cfg.draft.seed)
-    holdout, train = records[::10], [r for i, r in enumerate(records) if i % 10]
+    # hold out whole prompts (all their answers), never a sibling of a training answer
+    n_prompts = max(len(prompts), 1) if prompts else len(records)
+    held = lambda i: (i % n_prompts) % 10 == 0
+    holdout, train = [r for i, r in enumerate(records) if held(i)], [r for i, r in enumerate(records) if not held(i)]
     t0 = time.perf_counter()
     history = train_head(head, target, train, holdout, cfg)
     summary = {

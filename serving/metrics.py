@@ -1,0 +1,45 @@
+"""Prometheus text exposition of the serving counters (the names vLLM/SGLang users look for)."""
+
+from __future__ import annotations
+
+
+def _line(name: str, value, labels: dict | None = None) -> str:
+    lab = ""
+    if labels:
+        lab = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+    return f"{name}{lab} {float(value) if value is not None else 0.0}"
+
+
+def prometheus_text(replicas: list[dict], http: dict) -> str:
+    """replicas: ServingEngine.stats() of each replica; http: request counts by status."""
+    out: list[str] = []
+
+    def metric(name, kind, help_, samples):
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {kind}")
+        out.extend(_line(name, v, lab) for lab, v in samples)
+
+    per = lambda key: [({"replica": r["replica"]}, r.get(key, 0)) for r in replicas]
+    metric("tide_spec_decode_num_drafts_total", "counter", "verify passes", per("drafts"))
+    metric("tide_spec_decode_num_draft_tokens_total", "counter", "draft tokens proposed", per("draft_tokens"))
+    metric("tide_spec_decode_num_accepted_tokens_total", "counter", "draft tokens accepted",
+           per("accepted_tokens"))
+    metric("tide_spec_decode_num_accepted_tokens_per_pos_total", "counter",
+           "draft tokens accepted at each draft position",
+           [({"replica": r["replica"], "position": i}, v) for r in replicas
+            for i, v in enumerate(r.get("accepted_per_pos", []))])
+    metric("tide_generation_tokens_total", "counter", "generated tokens", per("generated_tokens"))
+    metric("tide_prompt_tokens_total", "counter", "prompt tokens", per("prompt_tokens"))
+    metric("tide_draft_version", "gauge", "draft version being served", per("draft_version"))
+    metric("tide_draft_swaps_total", "counter", "draft weight updates by outcome",
+           [({"replica": r["replica"], "outcome": o}, r.get(f"swaps_{o}", 0)) for r in replicas
+            for o in ("applied", "rejected")])
+    metric("tide_records_total", "counter", "hidden-state records by outcome",
+           [({"replica": r["replica"], "outcome": o}, r.get(f"records_{o}", 0)) for r in replicas
+            for o in ("written", "dropped")])
+    metric("tide_replica_requests_total", "counter", "requests finished by each replica, by status",
+           [({"replica": r["replica"], "status": s}, r.get(f"requests_{s}", 0)) for r in replicas
+            for s in ("ok", "failed", "rejected")])
+    metric("tide_http_requests_total", "counter", "HTTP requests by status",
+           [({"status": k}, v) for k, v in http.items()])
+    return "\n".join(out) + "\n"

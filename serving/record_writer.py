@@ -1,0 +1,66 @@
+"""Streams records to a RecordStream from a background thread, so that a slow or absent Redis
+never blocks or fails a request: when the queue is full or the store is down, records are
+dropped and counted, and the writer keeps retrying the connection."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from tide.transport.base import TransportError
+
+log = logging.getLogger(__name__)
+
+
+class AsyncRecordWriter:
+    def __init__(self, stream, max_pending: int = 32, retry_s: float = 1.0):
+        self.stream = stream
+        self.retry_s = retry_s
+        self._q: queue.Queue[bytes] = queue.Queue(maxsize=max_pending)
+        self.written = 0
+        self.dropped = 0
+        self.connected = True
+        self._down_until = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="record-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, data: bytes) -> bool:
+        """Never blocks. Returns False when the record was dropped."""
+        try:
+            self._q.put_nowait(data)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            return False
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if time.monotonic() < self._down_until:  # store known down: drop without waiting
+                self.dropped += 1
+                continue
+            try:
+                self.stream.append(data)
+                self.written += 1
+                if not self.connected:
+                    log.info("record stream reachable again")
+                self.connected = True
+            except TransportError as e:
+                self.dropped += 1
+                if self.connected:
+                    log.warning("record stream unreachable, dropping records: %s", e)
+                self.connected = False
+                self._down_until = time.monotonic() + self.retry_s
+
+    def close(self, timeout: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._q.empty() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._stop.set()
+        self._thread.join(timeout)

@@ -1,0 +1,121 @@
+"""Fault behaviour without Ray: Redis down at start and mid-run, bad weight updates, stream cap."""
+
+import time
+
+import pytest
+import torch
+
+from serving.engine import ServingEngine
+from serving.record_writer import AsyncRecordWriter
+from tests.conftest import tiny_target
+from tide.checkpoint import new_head, state_to_bytes
+from tide.config import TideConfig
+from tide.records import HiddenStateRecord
+from tide.speculative import target_generate
+from tide.transport.redis_server import free_port, start_redis
+from tide.transport.redis_transport import RedisRecordStream, RedisWeightChannel, connect
+
+pytestmark = pytest.mark.integration
+
+
+def _engine(url, **writer_kw):
+    cfg = TideConfig()
+    cfg.decode.max_new_tokens = 12
+    target = tiny_target()
+    client = connect(url, timeout_s=0.5)
+    writer = AsyncRecordWriter(RedisRecordStream(client, "t", maxlen=100), **writer_kw)
+    engine = ServingEngine(cfg, "r0", target, new_head(target, 64), 0, writer, RedisWeightChannel(client, "t"))
+    return engine, target
+
+
+def _wait(cond, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_redis_down_at_start_then_mid_run_keeps_serving(tmp_path):
+    port = free_port()
+    engine, target = _engine(f"redis://127.0.0.1:{port}/0", retry_s=0.2)
+    expected = target_generate(target, [1, 2, 3], engine.cfg.decode).tokens
+    # no Redis at all: requests succeed, records are dropped and counted
+    for _ in range(3):
+        assert engine.generate([1, 2, 3], engine.cfg.decode)["tokens"] == expected
+    assert _wait(lambda: engine.writer.dropped >= 3)
+    assert engine.writer.written == 0 and not engine.writer.connected
+    assert not engine.poll_weights()  # weight polling fails quietly too
+    # Redis comes up: the writer reconnects by itself
+    server = start_redis(tmp_path / "r", port=port)
+    try:
+        time.sleep(0.3)
+        for _ in range(3):
+            engine.generate([1, 2, 3], engine.cfg.decode)
+        assert _wait(lambda: engine.writer.written >= 1)
+        assert RedisRecordStream(connect(server.url), "t").length() == engine.writer.written
+    finally:
+        server.stop()
+    # Redis dies mid-run: still serving, drops counted
+    dropped = engine.writer.dropped
+    for _ in range(3):
+        assert engine.generate([1, 2, 3], engine.cfg.decode)["tokens"] == expected
+    assert _wait(lambda: engine.writer.dropped > dropped)
+    engine.stop()
+
+
+def test_slow_redis_never_blocks_a_request():
+    class SlowStream:
+        def append(self, data):
+            time.sleep(1.0)
+
+    target = tiny_target()
+    writer = AsyncRecordWriter(SlowStream(), max_pending=1)
+    engine = ServingEngine(TideConfig(), "r0", target, new_head(target, 64), 0, writer)
+    engine.cfg.decode.max_new_tokens = 8
+    t0 = time.perf_counter()
+    for _ in range(4):
+        engine.generate([1, 2, 3], engine.cfg.decode)
+    assert time.perf_counter() - t0 < 3.0  # 4 writes would take 4 s if requests waited on them
+    assert writer.dropped >= 2
+
+
+def test_corrupt_and_mismatched_updates_are_rejected(redis_server):
+    engine, target = _engine(redis_server.url)
+    channel = RedisWeightChannel(connect(redis_server.url), "t")
+    before = {k: v.clone() for k, v in engine.head.state_dict().items()}
+    expected = target_generate(target, [4, 5, 6], engine.cfg.decode).tokens
+    channel.publish(1, b"\x00garbage", {"published_at": time.time()})
+    assert not engine.poll_weights()
+    other = new_head(tiny_target(hidden=32), 64)  # a head for another target: shapes differ
+    channel.publish(2, state_to_bytes(other), {"published_at": time.time()})
+    assert not engine.poll_weights()
+    assert engine.version == 0 and engine.stats()["swaps_rejected"] == 2
+    assert all(torch.equal(before[k], v) for k, v in engine.head.state_dict().items())
+    assert engine.generate([4, 5, 6], engine.cfg.decode)["tokens"] == expected
+    good = new_head(target, 64, seed=9)
+    channel.publish(3, state_to_bytes(good), {"published_at": time.time()})
+    assert engine.poll_weights() and engine.version == 3
+    assert engine.stats()["last_swap_latency_s"] is not None
+    assert engine.generate([4, 5, 6], engine.cfg.decode)["tokens"] == expected  # still lossless
+    engine.stop()
+
+
+def test_stream_at_cap_stays_bounded(redis_server):
+    client = connect(redis_server.url)
+    stream = RedisRecordStream(client, "cap", maxlen=50)
+    rec = HiddenStateRecord(request_id="x", target_model_id="t", draft_version=0,
+                            input_ids=torch.arange(65), features=torch.randn(64, 96),
+                            final_hidden=torch.randn(64, 32), prompt_len=4).to_bytes()
+    for _ in range(600):
+        stream.append(rec)
+    n = stream.length()
+    # approximate trimming (MAXLEN ~) cuts whole macro nodes of up to 100 entries
+    assert 50 <= n <= 150
+    assert client.memory_usage(stream.key) < 160 * len(rec) * 1.5
+    # a consumer group still reads what is there and acks it
+    items = stream.read("c", count=10, block_ms=100)
+    assert len(items) == 10 and HiddenStateRecord.from_bytes(items[0][1]).request_id == "x"
+    stream.ack([i for i, _ in items])
+    assert client.xpending(stream.key, "trainers")["pending"] == 0

@@ -1,0 +1,52 @@
+"""In-memory transports for unit tests and single-process use (never the real system)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+
+
+class MemoryRecordStream:
+    def __init__(self, maxlen: int = 10_000):
+        self._items: deque[tuple[str, bytes]] = deque(maxlen=maxlen)
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+        self._delivered = 0  # entries handed to the consumer group so far
+        self.acked: set[str] = set()
+
+    def append(self, data: bytes) -> None:
+        with self._cond:
+            self._items.append((str(next(self._ids)), data))
+            self._cond.notify_all()
+
+    def read(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, bytes]]:
+        with self._cond:
+            def fresh():
+                return [it for it in self._items if int(it[0]) > self._delivered]
+            if not fresh():
+                self._cond.wait(block_ms / 1000)
+            out = fresh()[:count]
+            if out:
+                self._delivered = int(out[-1][0])
+            return out
+
+    def ack(self, ids: list[str]) -> None:
+        self.acked.update(ids)
+
+    def length(self) -> int:
+        return len(self._items)
+
+
+class MemoryWeightChannel:
+    def __init__(self):
+        self._versions: dict[int, tuple[bytes, dict]] = {}
+
+    def publish(self, version: int, data: bytes, meta: dict) -> None:
+        self._versions = {version: (data, dict(meta))}  # keep only the newest, like Redis
+
+    def latest_version(self) -> int:
+        return max(self._versions, default=0)
+
+    def fetch(self, version: int) -> tuple[bytes, dict] | None:
+        return self._versions.get(version)

@@ -1,0 +1,115 @@
+"""Redis implementations: a capped Stream of records and a versioned weight key.
+
+Keys (prefix from config, default "tide"):
+  {p}:records          Stream; XADD MAXLEN ~ cap keeps memory bounded; field "r" holds bytes
+  {p}:weights:version  the newest published draft version (int)
+  {p}:weights:{v}      safetensors bytes of version v (older versions expire)
+  {p}:weights:{v}:meta JSON metadata of version v
+Payloads are bytes only; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+
+import redis
+
+from tide.transport.base import TransportError
+
+GROUP = "trainers"
+
+
+def connect(url: str, timeout_s: float = 2.0) -> redis.Redis:
+    """A client for redis:// or rediss:// URLs (password/TLS come from the URL)."""
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                health_check_interval=10)
+
+
+class RedisRecordStream:
+    def __init__(self, client: redis.Redis, prefix: str = "tide", maxlen: int = 2000):
+        self.r = client
+        self.key = f"{prefix}:records"
+        self.maxlen = maxlen
+        self._group_ready = False
+
+    def append(self, data: bytes) -> None:
+        try:
+            self.r.xadd(self.key, {"r": data}, maxlen=self.maxlen, approximate=True)
+        except redis.RedisError as e:
+            raise TransportError(f"record append failed: {e}") from e
+
+    def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            self.r.xgroup_create(self.key, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._group_ready = True
+
+    def read(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, bytes]]:
+        try:
+            self._ensure_group()
+            resp = self.r.xreadgroup(GROUP, consumer, {self.key: ">"}, count=count, block=block_ms)
+        except redis.ResponseError as e:
+            if "NOGROUP" in str(e):  # the stream was deleted (e.g. Redis restarted): recreate
+                self._group_ready = False
+                return []
+            raise TransportError(f"record read failed: {e}") from e
+        except redis.RedisError as e:
+            self._group_ready = False
+            raise TransportError(f"record read failed: {e}") from e
+        out = []
+        for _key, entries in resp or []:
+            for entry_id, fields in entries:
+                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                if fields and b"r" in fields:
+                    out.append((eid, fields[b"r"]))
+        return out
+
+    def ack(self, ids: list[str]) -> None:
+        if ids:
+            try:
+                self.r.xack(self.key, GROUP, *ids)
+            except redis.RedisError as e:
+                raise TransportError(f"ack failed: {e}") from e
+
+    def length(self) -> int:
+        try:
+            return int(self.r.xlen(self.key))
+        except redis.RedisError as e:
+            raise TransportError(f"xlen failed: {e}") from e
+
+
+class RedisWeightChannel:
+    def __init__(self, client: redis.Redis, prefix: str = "tide", keep_s: int = 3600):
+        self.r = client
+        self.prefix = f"{prefix}:weights"
+        self.keep_s = keep_s
+
+    def publish(self, version: int, data: bytes, meta: dict) -> None:
+        try:
+            pipe = self.r.pipeline(transaction=True)
+            pipe.set(f"{self.prefix}:{version}", data, ex=self.keep_s)
+            pipe.set(f"{self.prefix}:{version}:meta", json.dumps(meta), ex=self.keep_s)
+            pipe.set(f"{self.prefix}:version", version)  # last: readers never see a partial version
+            pipe.execute()
+        except redis.RedisError as e:
+            raise TransportError(f"publish failed: {e}") from e
+
+    def latest_version(self) -> int:
+        try:
+            v = self.r.get(f"{self.prefix}:version")
+        except redis.RedisError as e:
+            raise TransportError(f"version read failed: {e}") from e
+        return int(v) if v is not None else 0
+
+    def fetch(self, version: int) -> tuple[bytes, dict] | None:
+        try:
+            data, meta = self.r.mget(f"{self.prefix}:{version}", f"{self.prefix}:{version}:meta")
+        except redis.RedisError as e:
+            raise TransportError(f"weight fetch failed: {e}") from e
+        if data is None:
+            return None
+        return data, json.loads(meta) if meta else {}

@@ -1,0 +1,190 @@
+"""The online trainer: consume served records, decide when training is worth it, publish drafts.
+
+Selective training (after TIDE, arXiv:2602.05145): a short and a long exponential moving
+average of served acceptance length. Training runs while
+  - drift: short < long - drift_margin (traffic or target changed, acceptance fell), or
+  - acceptance is below the goal (goal_accept_len), until the eval gate has rejected
+    `patience` candidates in a row (more training is not paying off; it resumes on drift).
+Eval gate: every `eval_every` steps the candidate and the serving draft are scored on the same
+held-out records (simulated acceptance length, tide's train step metrics); the candidate is
+published as the next version only if it wins by `gate_margin`.
+Training uses the same `train_step` as the offline warm start; only the batch source differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import threading
+import time
+from collections import deque
+
+from tide.checkpoint import load_draft, new_head, state_from_bytes, state_to_bytes, swap_in_place
+from tide.config import TideConfig
+from tide.models import Target
+from tide.records import HiddenStateRecord, RecordError
+from tide.transport.base import TransportError
+from trainers.train_step import evaluate, make_batches, make_optimizer, train_step
+
+log = logging.getLogger(__name__)
+
+
+class DriftDetector:
+    def __init__(self, short: float, long: float, margin: float, warmup: int = 8):
+        self.a_short, self.a_long, self.margin, self.warmup = short, long, margin, warmup
+        self.short: float | None = None
+        self.long: float | None = None
+        self.n = 0
+
+    def update(self, x: float) -> None:
+        self.n += 1
+        self.short = x if self.short is None else (1 - self.a_short) * self.short + self.a_short * x
+        self.long = x if self.long is None else (1 - self.a_long) * self.long + self.a_long * x
+
+    @property
+    def drift(self) -> bool:
+        return self.n >= self.warmup and self.short < self.long - self.margin
+
+
+class OnlineTrainer:
+    def __init__(self, cfg: TideConfig, target: Target, stream, weights, consumer: str = "trainer-0",
+                 on_metrics=None):
+        self.cfg, self.target, self.stream, self.weights = cfg, target, stream, weights
+        self.consumer, self.on_metrics = consumer, on_metrics or (lambda m: None)
+        self.head, self.version = self._initial_head()
+        self.head.float()
+        self.serving_head = copy.deepcopy(self.head)  # what the replicas serve: the gate's bar
+        self.rows = target.lm_head_weight[self.head.target_ids].float()
+        self.opt = make_optimizer(self.head, cfg.train.lr, cfg.train.weight_decay)
+        oc = cfg.online
+        self.buffer: deque[HiddenStateRecord] = deque(maxlen=oc.buffer_records)
+        self.holdout: deque[HiddenStateRecord] = deque(maxlen=oc.holdout_records)
+        self.drift = DriftDetector(oc.ema_short, oc.ema_long, oc.drift_margin)
+        self.rng = random.Random(cfg.train.seed)
+        self.steps = 0
+        self.records_in = 0
+        self.records_bad = 0
+        self.rejections_in_a_row = 0
+        self.drift_events = 0
+        self._was_drifting = False
+        self.last_gate: dict | None = None
+        self.last_train: dict | None = None
+        self.published: list[dict] = []
+
+    def _initial_head(self):
+        """Resume from the newest published draft; else the configured checkpoint; else fresh."""
+        try:
+            latest = self.weights.latest_version()
+            got = self.weights.fetch(latest) if latest else None
+        except TransportError as e:
+            log.warning("weight channel unreachable at start (%s); starting from config", e)
+            latest, got = 0, None
+        if self.cfg.draft.path:
+            head, version = load_draft(self.cfg.draft.path, self.target)
+        else:
+            head, version = new_head(self.target, self.cfg.draft.vocab_size, seed=self.cfg.draft.seed), 0
+        if got is not None:
+            swap_in_place(head, state_from_bytes(got[0]))
+            version = latest
+            log.info("resuming from published draft v%d", latest)
+        return head, version
+
+    # -- input ------------------------------------------------------------------------------
+    def ingest(self, block_ms: int = 200, count: int = 32) -> int:
+        items = self.stream.read(self.consumer, count, block_ms)
+        for _id, data in items:
+            try:
+                rec = HiddenStateRecord.from_bytes(data)
+            except RecordError as e:
+                self.records_bad += 1
+                log.warning("skipping bad record: %s", e)
+                continue
+            if rec.target_model_id != self.target.model_id:
+                self.records_bad += 1
+                continue
+            self.records_in += 1
+            if rec.accept_len > 0:
+                self.drift.update(rec.accept_len)
+            (self.holdout if self.records_in % self.cfg.online.holdout_every == 0 else self.buffer).append(rec)
+        self.stream.ack([i for i, _ in items])
+        if self.drift.drift and not self._was_drifting:
+            self.drift_events += 1
+            self.rejections_in_a_row = 0  # new traffic: training is worth trying again
+            log.info("drift: short-term acceptance %.2f < long-term %.2f - %.2f", self.drift.short,
+                     self.drift.long, self.cfg.online.drift_margin)
+            self.on_metrics({"trainer/drift_event": self.drift_events})
+        self._was_drifting = self.drift.drift
+        return len(items)
+
+    # -- control ----------------------------------------------------------------------------
+    def should_train(self) -> bool:
+        oc = self.cfg.online
+        if not oc.enabled or len(self.buffer) < oc.min_records or len(self.holdout) < 2:
+            return False
+        if self.drift.drift:
+            return True
+        below_goal = self.drift.short is None or self.drift.short < oc.goal_accept_len
+        return below_goal and self.rejections_in_a_row < oc.patience
+
+    def train_once(self) -> dict:
+        tc = self.cfg.train
+        sample = self.rng.sample(list(self.buffer), min(tc.batch_size, len(self.buffer)))
+        batch = next(make_batches(sample, tc.seq_len, tc.batch_size, self.rng))
+        m = train_step(self.head, self.target.embed, self.rows, batch, self.opt, tc.ttt_steps, tc.grad_clip)
+        self.steps += 1
+        self.last_train = m
+        self.on_metrics({"trainer/loss": m["loss"], "trainer/sim_accept_len": m["sim_accept_len"],
+                         "trainer/step": self.steps,
+                         **{f"trainer/acc_{i}": a for i, a in enumerate(m["acc"])}})
+        if self.steps % self.cfg.online.eval_every == 0:
+            self.gate()
+        return m
+
+    def gate(self) -> bool:
+        tc, holdout = self.cfg.train, list(self.holdout)
+        cand = evaluate(self.head, self.target.embed, self.rows, holdout, tc.ttt_steps, tc.seq_len)
+        serv = evaluate(self.serving_head, self.target.embed, self.rows, holdout, tc.ttt_steps, tc.seq_len)
+        win = cand["sim_accept_len"] > serv["sim_accept_len"] + self.cfg.online.gate_margin
+        self.last_gate = {"candidate": round(cand["sim_accept_len"], 4),
+                          "serving": round(serv["sim_accept_len"], 4), "published": win,
+                          "step": self.steps, "at": time.time()}
+        self.on_metrics({"trainer/gate_candidate": cand["sim_accept_len"],
+                         "trainer/gate_serving": serv["sim_accept_len"], "trainer/gate_published": int(win)})
+        if not win:
+            self.rejections_in_a_row += 1
+            return False
+        self.rejections_in_a_row = 0
+        self.publish()
+        return True
+
+    def publish(self) -> None:
+        version = self.version + 1
+        meta = {"version": version, "published_at": time.time(), "train_steps": self.steps,
+                "gate": self.last_gate, "target_model_id": self.target.model_id}
+        self.weights.publish(version, state_to_bytes(self.head), meta)
+        self.version = version
+        self.serving_head.load_state_dict(self.head.state_dict())
+        self.published.append({"version": version, "at": meta["published_at"], "step": self.steps})
+        self.on_metrics({"trainer/published_version": version})
+        log.info("published draft v%d (held-out sim. acceptance %s)", version, self.last_gate)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.ingest(block_ms=50 if self.should_train() else 500)
+                if self.should_train():
+                    self.train_once()
+            except TransportError as e:
+                log.warning("redis unreachable, retrying: %s", e)
+                stop.wait(1.0)
+
+    def stats(self) -> dict:
+        return {
+            "trainer_step": self.steps, "version": self.version, "records_in": self.records_in,
+            "records_bad": self.records_bad, "buffer": len(self.buffer), "holdout": len(self.holdout),
+            "training": self.should_train(), "drift": self.drift.drift, "drift_events": self.drift_events,
+            "ema_short": self.drift.short, "ema_long": self.drift.long, "last_gate": self.last_gate,
+            "last_loss": self.last_train["loss"] if self.last_train else None,
+            "published": self.published[-20:], "enabled": self.cfg.online.enabled,
+        }
