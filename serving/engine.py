@@ -74,7 +74,7 @@ class ServingEngine:
                  on_tokens=None) -> dict:
         request_id = request_id or uuid.uuid4().hex
         with self._admit_lock:
-            if self._waiting >= self.cfg.serving.max_queue:
+            if self._waiting > self.cfg.serving.max_queue:  # one decoding + max_queue waiting
                 self.stats_["requests_rejected"] += 1
                 raise Overloaded(f"replica {self.replica} has {self._waiting} requests queued; retry later")
             self._waiting += 1

@@ -178,8 +178,11 @@ def build_app(actors: list, model_id: str, max_context: int, max_queue: int, sta
             raise
         except Exception as e:
             router.release(i)
+            if "Overloaded" in type(e).__name__ or "Overloaded" in str(e)[:300]:
+                counters["rejected"] += 1  # the replica's own queue bound (Ray wraps the error)
+                return _err(429, "replica queue is full; retry later", "rate_limit_error")
             counters["server_error"] += 1
-            return _err(500, f"generation failed: {e}", "server_error")
+            return _err(500, f"generation failed: {type(e).__name__}", "server_error")
         router.release(i)
         counters["ok"] += 1
         text, stopped = _cut_at_stop(result["text"], stops)

@@ -1,0 +1,185 @@
+"""`tide up` end to end (tiny model): OpenAI-compatible HTTP with the official client, errors,
+bounded queues, API key, metrics, status, load, plot, down."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tide.config import DecodeConfig, ModelConfig
+from tide.models import load_target
+from tide.speculative import target_generate
+from tide.transport.redis_server import free_port
+
+pytestmark = pytest.mark.integration
+KEY = "test-key-123"
+
+
+def _tide(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "tide.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    port = free_port()
+    env = {**os.environ, "TIDE_API_KEY": KEY, "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)
+    overrides = [f"model.source={tiny_model_dir}", "model.dtype=float32", "model.max_context=256",
+                 "draft.vocab_size=100000", "decode.max_new_tokens=24", f"serving.port={port}",
+                 "serving.max_queue=2", "ray.dashboard=false", "ray.num_cpus=2", "wandb.mode=offline",
+                 "online.min_records=4", "online.eval_every=5", "train.seq_len=128"]
+    up = _tide("up", "--run-dir", str(run_dir), *overrides, env=env)
+    assert up.returncode == 0, up.stderr[-3000:]
+    url = f"http://127.0.0.1:{port}"
+    yield {"url": url, "run_dir": run_dir, "env": env, "model_dir": tiny_model_dir}
+    down = _tide("down", "--run-dir", str(run_dir), env=env)
+    assert down.returncode == 0, down.stderr
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model_dir):
+    return load_target(ModelConfig(source=str(tiny_model_dir), dtype="float32"))
+
+
+def _healthy(url):
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+def test_health_models_and_auth(server, client):
+    _healthy(server["url"])  # /health needs no key
+    assert [m.id for m in client.models.list().data] == [str(server["model_dir"])]
+    r = httpx.get(server["url"] + "/v1/models")
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    r = httpx.get(server["url"] + "/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+
+
+def test_completion_equals_target_alone(client, target):
+    prompt = "The quick brown fox"
+    out = client.completions.create(model="m", prompt=prompt, max_tokens=20, temperature=0)
+    ids = target.tokenizer(prompt)["input_ids"]
+    expected = target_generate(target, ids, DecodeConfig(max_new_tokens=20)).tokens
+    assert out.choices[0].text == target.tokenizer.decode(expected, skip_special_tokens=True)
+    assert out.usage.completion_tokens == len(expected)
+    tide = out.usage.model_extra["tide"]
+    assert {"draft_version", "drafted_tokens", "accepted_tokens"} <= set(tide)
+    assert tide["accepted_tokens"] <= tide["drafted_tokens"]
+
+
+def test_chat_and_streamed_chat_agree(client):
+    msgs = [{"role": "user", "content": "Tell me about the sea."}]
+    full = client.chat.completions.create(model="m", messages=msgs, max_tokens=24, temperature=0)
+    text = full.choices[0].message.content
+    assert full.choices[0].message.role == "assistant" and text
+    chunks = list(client.chat.completions.create(model="m", messages=msgs, max_tokens=24, temperature=0,
+                                                 stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_and_seeded_sampling(client):
+    out = client.completions.create(model="m", prompt="one two three", max_tokens=24, temperature=0)
+    text = out.choices[0].text
+    if len(text) > 4:
+        stop = text[2:4]
+        cut = client.completions.create(model="m", prompt="one two three", max_tokens=24, temperature=0,
+                                        stop=[stop])
+        assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    a = client.completions.create(model="m", prompt="hello", max_tokens=12, temperature=0.9, seed=7)
+    b = client.completions.create(model="m", prompt="hello", max_tokens=12, temperature=0.9, seed=7)
+    assert a.choices[0].text == b.choices[0].text
+
+
+@pytest.mark.parametrize("body, raw, fragment", [
+    (None, b"{not json", "not valid JSON"),
+    (None, b"\xff\xfe\x00bad", "not UTF-8"),
+    ({"prompt": "", "max_tokens": 5}, None, "non-empty"),
+    ({"prompt": 42}, None, "non-empty string"),
+    ({"prompt": "hi", "max_tokens": "ten"}, None, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 0}, None, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 10**7}, None, "max_tokens"),
+    ({"prompt": "hi", "temperature": -1}, None, "temperature"),
+    ({"prompt": "hi", "n": 3}, None, "n=1"),
+    ({"prompt": "hi", "logit_bias": {"1": 2}}, None, "unsupported"),
+    ({"prompt": "word " * 400}, None, "shorten"),
+])
+def test_bad_requests_get_clear_4xx(server, body, raw, fragment):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(server["url"] + "/v1/completions", headers=headers,
+                   content=raw if raw is not None else json.dumps(body).encode())
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["type"] == "invalid_request_error"
+    _healthy(server["url"])
+
+
+def test_bad_chat_messages(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for msgs in ([], [{"role": "user"}], [{"role": "robot", "content": "x"}], [{"role": "user", "content": " "}]):
+        r = httpx.post(server["url"] + "/v1/chat/completions", headers=headers, json={"messages": msgs})
+        assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    _healthy(server["url"])
+
+
+def test_full_queue_answers_429_quickly(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    statuses, times = [], []
+
+    def one():
+        t0 = time.monotonic()
+        r = httpx.post(server["url"] + "/v1/completions", headers=headers, timeout=120,
+                       json={"prompt": "count with me", "max_tokens": 24})
+        statuses.append(r.status_code)
+        times.append((r.status_code, time.monotonic() - t0))
+
+    threads = [threading.Thread(target=one) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(statuses) == 10 and set(statuses) <= {200, 429}
+    assert 200 in statuses and 429 in statuses
+    assert max(dt for s, dt in times if s == 429) < 2.0
+    _healthy(server["url"])
+
+
+def test_metrics_status_load_plot(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    env, run_dir = server["env"], str(server["run_dir"])
+    load = _tide("load", "--url", server["url"], "--requests", "6", "--concurrency", "2",
+                 "--max-tokens", "16", env=env)
+    assert load.returncode == 0, load.stderr[-2000:]
+    report = json.loads(load.stdout)
+    assert report["ok"] == 6 and report["failed"] == 0 and report["latency_p99_s"] > 0
+    text = httpx.get(server["url"] + "/metrics", headers=headers).text
+    for name in ("tide_spec_decode_num_drafts_total", "tide_spec_decode_num_accepted_tokens_per_pos_total",
+                 "tide_generation_tokens_total", "tide_draft_version", "tide_records_total",
+                 'tide_http_requests_total{status="client_error"}'):
+        assert name in text
+    time.sleep(2.5)  # one status tick after the load
+    st = _tide("status", "--run-dir", run_dir, env=env)
+    status = json.loads(st.stdout)
+    assert status["state"] == "ready" and status["served_tokens"] > 0
+    for key in ("draft_version", "acceptance_ema", "stream_length", "trainer_step", "last_swap"):
+        assert key in status
+    assert status["stream_length"] > 0
+    plot = _tide("plot", "--run-dir", run_dir, env=env)
+    assert plot.returncode == 0, plot.stderr
+    png = server["run_dir"] / "acceptance.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((server["run_dir"] / "wandb").glob("offline-run-*")), "W&B offline run missing"
