@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/latest
 
-.PHONY: setup test test-fast lint bench warm-start clean
+.PHONY: setup test test-fast lint bench warm-start up down status plot demo clean
 
 setup: $(BIN)/tide
 	$(BIN)/python -c "from tide.config import ModelConfig; from tide.models import load_target; load_target(ModelConfig())"
@@ -35,6 +35,24 @@ warm-start:
 bench:
 	$(BIN)/tide bench --half second --draft $(RUN)/draft --json $(RUN)/bench.json --peer pld \
 	  --prompts $(WORKLOADS)/mt_bench.jsonl $(WORKLOADS)/alpaca.jsonl $(WORKLOADS)/humaneval.jsonl $(WORKLOADS)/gsm8k.jsonl
+
+# The running system: `make up`, then `tide load`, `tide status`, `tide plot`, `make down`.
+up:
+	$(BIN)/tide up --run-dir $(RUN) $(ARGS)
+
+down:
+	$(BIN)/tide down --run-dir $(RUN)
+
+status:
+	$(BIN)/tide status --run-dir $(RUN)
+
+plot:
+	$(BIN)/tide plot --run-dir $(RUN)
+
+# Cold draft, chat then code traffic, online training vs a static draft (about 30 minutes).
+demo:
+	$(BIN)/python scripts/demo.py --run-dir runs/demo-online
+	$(BIN)/python scripts/demo.py --run-dir runs/demo-static --static
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
