@@ -40,8 +40,7 @@ def window_mean(rows: list[dict], t0: float, t1: float) -> float | None:
 
 def pull_draft(status: dict, out: Path) -> int:
     """Save the draft the system serves now as a checkpoint folder (for the final bench)."""
-    from tide.checkpoint import save_draft, state_from_bytes, swap_in_place
-    from tide.checkpoint import new_head
+    from tide.checkpoint import new_head, save_draft, state_from_bytes, swap_in_place
     from tide.config import load_config
     from tide.models import load_target
     from tide.transport.redis_transport import RedisWeightChannel, connect
