@@ -106,7 +106,9 @@ class OnlineTrainer:
             self.records_in += 1
             if rec.accept_len > 0:
                 self.drift.update(rec.accept_len)
-            (self.holdout if self.records_in % self.cfg.online.holdout_every == 0 else self.buffer).append(rec)
+            # random, not every n-th: cyclic traffic would always hold out the same prompts
+            held = len(self.holdout) < 2 or self.rng.random() < 1.0 / self.cfg.online.holdout_every
+            (self.holdout if held else self.buffer).append(rec)
         self.stream.ack([i for i, _ in items])
         if self.drift.drift and not self._was_drifting:
             self.drift_events += 1
@@ -127,10 +129,12 @@ class OnlineTrainer:
         below_goal = self.drift.short is None or self.drift.short < oc.goal_accept_len
         return below_goal and self.rejections_in_a_row < oc.patience
 
-    def train_once(self) -> dict:
+    def train_once(self) -> dict | None:
         tc = self.cfg.train
         sample = self.rng.sample(list(self.buffer), min(tc.batch_size, len(self.buffer)))
-        batch = next(make_batches(sample, tc.seq_len, tc.batch_size, self.rng))
+        batch = next(make_batches(sample, tc.seq_len, tc.batch_size, self.rng), None)
+        if batch is None:  # these records hold no window with generated tokens
+            return None
         m = train_step(self.head, self.target.embed, self.rows, batch, self.opt, tc.ttt_steps, tc.grad_clip)
         self.steps += 1
         self.last_train = m

@@ -1,0 +1,79 @@
+"""The online trainer's control logic with in-memory transports and a tiny target."""
+
+import torch
+
+from tests.conftest import tiny_target
+from tide.checkpoint import new_head, state_from_bytes
+from tide.config import DecodeConfig, TideConfig
+from tide.records import HiddenStateRecord
+from tide.speculative import speculative_generate
+from tide.transport.memory import MemoryRecordStream, MemoryWeightChannel
+from trainers.online import DriftDetector, OnlineTrainer
+
+
+def test_drift_fires_when_short_average_falls_below_long():
+    d = DriftDetector(short=0.3, long=0.02, margin=0.25, warmup=8)
+    for _ in range(50):
+        d.update(3.0)
+    assert not d.drift
+    for _ in range(5):
+        d.update(1.5)
+    assert d.drift and d.short < d.long - 0.25
+    for _ in range(200):
+        d.update(1.5)
+    assert not d.drift  # the long average catches up: the new level is the norm
+
+
+def _records(target, head, n, seed=0, distinct=4):
+    """A repetitive workload: n requests over `distinct` prompts (learnable, even held out)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, 90, (6,), generator=gen).tolist() for _ in range(distinct)]
+    out = []
+    for i in range(n):
+        prompt = prompts[i % distinct]
+        g = speculative_generate(target, head, prompt, DecodeConfig(k=3, max_new_tokens=24), capture=True)
+        out.append(HiddenStateRecord(request_id=str(i), target_model_id=target.model_id, draft_version=0,
+                                     input_ids=torch.tensor(g.sequence), features=g.features,
+                                     final_hidden=g.final_hidden, prompt_len=6, accept_len=g.mean_accept_len))
+    return out
+
+
+def test_trains_gates_and_publishes_from_a_stream():
+    target = tiny_target(init=0.3)  # peaked next-token distributions: something to learn
+    cfg = TideConfig()
+    cfg.draft.vocab_size = 96
+    cfg.train.batch_size, cfg.train.ttt_steps, cfg.train.lr = 4, 2, 5e-3
+    o = cfg.online
+    o.min_records, o.eval_every, o.gate_margin, o.holdout_every, o.goal_accept_len = 4, 10, 0.0, 4, 100.0
+    stream, weights = MemoryRecordStream(), MemoryWeightChannel()
+    trainer = OnlineTrainer(cfg, target, stream, weights)
+    head = new_head(target, 96)
+    for r in _records(target, head, 16):
+        stream.append(r.to_bytes())
+    stream.append(b"not a record")  # skipped and counted, never fatal
+    while trainer.ingest(block_ms=10):
+        pass
+    assert trainer.records_in == 16 and trainer.records_bad == 1 and 2 <= len(trainer.holdout) <= 8
+    assert len(stream.acked) == 17
+    assert trainer.should_train()
+    for _ in range(40):
+        trainer.train_once()
+    assert trainer.last_gate is not None
+    assert trainer.version >= 1 and weights.latest_version() == trainer.version
+    data, meta = weights.fetch(trainer.version)
+    assert meta["version"] == trainer.version and "published_at" in meta
+    assert set(state_from_bytes(data)) == set(head.state_dict())
+    assert trainer.last_gate["candidate"] > trainer.last_gate["serving"] or not trainer.last_gate["published"]
+
+
+def test_disabled_trainer_never_trains():
+    target = tiny_target()
+    cfg = TideConfig()
+    cfg.draft.vocab_size = 96
+    cfg.online.enabled = False
+    stream = MemoryRecordStream()
+    trainer = OnlineTrainer(cfg, target, stream, MemoryWeightChannel())
+    for r in _records(target, new_head(target, 96), 12):
+        stream.append(r.to_bytes())
+    trainer.ingest(block_ms=10)
+    assert not trainer.should_train()
