@@ -80,7 +80,7 @@ class OnlineConfig:
     gate_margin: float = 0.02  # candidate must beat the serving draft by this (sim. accept len)
     ema_short: float = 0.3  # weights of the short / long moving averages of served acceptance
     ema_long: float = 0.02
-    drift_margin: float = 0.25  # drift: short average below long average by this much
+    drift_margin: float = 0.08  # drift: short average below long average by this fraction
     goal_accept_len: float = 3.5  # keep training while served acceptance is below this
     patience: int = 4  # gate rejections in a row (no drift) before training pauses
     threads: int = 1

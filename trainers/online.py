@@ -44,7 +44,7 @@ class DriftDetector:
 
     @property
     def drift(self) -> bool:
-        return self.n >= self.warmup and self.short < self.long - self.margin
+        return self.n >= self.warmup and self.short < self.long * (1 - self.margin)
 
 
 class OnlineTrainer:
@@ -113,8 +113,8 @@ class OnlineTrainer:
         if self.drift.drift and not self._was_drifting:
             self.drift_events += 1
             self.rejections_in_a_row = 0  # new traffic: training is worth trying again
-            log.info("drift: short-term acceptance %.2f < long-term %.2f - %.2f", self.drift.short,
-                     self.drift.long, self.cfg.online.drift_margin)
+            log.info("drift: short-term acceptance %.2f fell %.0f%%+ below long-term %.2f", self.drift.short,
+                     100 * self.cfg.online.drift_margin, self.drift.long)
             self.on_metrics({"trainer/drift_event": self.drift_events})
         self._was_drifting = self.drift.drift
         return len(items)

@@ -12,13 +12,13 @@ from trainers.online import DriftDetector, OnlineTrainer
 
 
 def test_drift_fires_when_short_average_falls_below_long():
-    d = DriftDetector(short=0.3, long=0.02, margin=0.25, warmup=8)
+    d = DriftDetector(short=0.3, long=0.02, margin=0.1, warmup=8)
     for _ in range(50):
         d.update(3.0)
     assert not d.drift
     for _ in range(5):
         d.update(1.5)
-    assert d.drift and d.short < d.long - 0.25
+    assert d.drift and d.short < 0.9 * d.long
     for _ in range(200):
         d.update(1.5)
     assert not d.drift  # the long average catches up: the new level is the norm
