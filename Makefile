@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/latest
 
-.PHONY: setup test test-fast lint bench warm-start up down status plot demo clean
+.PHONY: setup test test-fast lint bench up down status plot demo clean
 
 setup: $(BIN)/tide
 	$(BIN)/python -c "from tide.config import ModelConfig; from tide.models import load_target; load_target(ModelConfig())"
@@ -27,14 +27,9 @@ lint:
 	$(BIN)/ruff check tide trainers serving scripts tests
 
 # Warm start on the first half of each workload, benchmark on the second half (disjoint).
-WORKLOADS ?= ../shared/workloads
-warm-start:
-	$(BIN)/tide train-offline --half first --out $(RUN)/draft \
-	  --prompts $(WORKLOADS)/mt_bench.jsonl $(WORKLOADS)/alpaca.jsonl $(WORKLOADS)/humaneval.jsonl $(WORKLOADS)/gsm8k.jsonl
-
+# LIMIT prompts per workload are benchmarked (all methods interleaved, in one process).
 bench:
-	$(BIN)/tide bench --half second --draft $(RUN)/draft --json $(RUN)/bench.json --peer pld \
-	  --prompts $(WORKLOADS)/mt_bench.jsonl $(WORKLOADS)/alpaca.jsonl $(WORKLOADS)/humaneval.jsonl $(WORKLOADS)/gsm8k.jsonl
+	scripts/bench.sh $(RUN) $(ARGS)
 
 # The running system: `make up`, then `tide load`, `tide status`, `tide plot`, `make down`.
 up:

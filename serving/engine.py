@@ -21,7 +21,7 @@ from tide.config import DecodeConfig, TideConfig
 from tide.errors import TideError
 from tide.models import Target, load_target
 from tide.records import HiddenStateRecord
-from tide.speculative import speculative_generate
+from tide.speculative import speculative_generate, target_generate
 from tide.transport.base import TransportError
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,12 @@ class ServingEngine:
             with self._decode_lock:
                 head, version = self.head, self.version
                 t0 = time.perf_counter()
-                g = speculative_generate(self.target, head, prompt_ids, params,
-                                         self.cfg.model.max_context, capture=self.cfg.serving.capture,
-                                         on_tokens=on_tokens)
+                if self.cfg.serving.speculative:
+                    g = speculative_generate(self.target, head, prompt_ids, params, self.cfg.model.max_context,
+                                             capture=self.cfg.serving.capture, on_tokens=on_tokens)
+                else:
+                    g = target_generate(self.target, prompt_ids, params, self.cfg.model.max_context,
+                                        on_tokens=on_tokens)
                 elapsed = time.perf_counter() - t0
         except Exception:
             self.stats_["requests_failed"] += 1
@@ -93,7 +96,7 @@ class ServingEngine:
             with self._admit_lock:
                 self._waiting -= 1
         self._account(g, elapsed, len(prompt_ids))
-        if self.cfg.serving.capture and self.writer is not None:
+        if g.features is not None and self.writer is not None:
             record = HiddenStateRecord(
                 request_id=request_id, target_model_id=self.target.model_id, draft_version=version,
                 input_ids=torch.tensor(g.sequence), features=g.features,

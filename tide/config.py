@@ -110,6 +110,7 @@ class ServingConfig:
     swap_poll_s: float = 0.5  # how often a replica checks for newly published draft weights
     record_queue: int = 32  # records waiting to be written before new ones are dropped
     capture: bool = True  # stream hidden states of served requests
+    speculative: bool = True  # false: the target alone (the baseline for load comparisons)
     threads: int = 1  # torch threads per replica
     host: str = "127.0.0.1"  # HTTP front (OpenAI-compatible)
     port: int = 8000

@@ -168,6 +168,18 @@ def commit(s: _State, out: TargetOut, draft_tokens: torch.Tensor, a: int, z: int
     s.sequence.extend(s.pending_tokens.tolist())
 
 
+class _Emitter:
+    """Hands each newly final token to a streaming callback exactly once."""
+
+    def __init__(self, fn):
+        self.fn, self.sent = fn, 0
+
+    def __call__(self, new: list[int]) -> None:
+        if self.fn is not None and len(new) > self.sent:
+            self.fn(new[self.sent :])
+            self.sent = len(new)
+
+
 def _finish(new: list[int], eos: set[int], max_new: int) -> tuple[list[int], str | None]:
     for i, t in enumerate(new[:max_new]):
         if t in eos:
@@ -192,12 +204,10 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
     g = Generation(tokens=[], finish_reason="length", prompt_len=len(prompt_ids),
                    accepted_per_pos=[0] * params.k, prefill_s=time.perf_counter() - t0)
     new, reason = _finish([y], target.eos_ids, params.max_new_tokens)
-    emitted = 0
+    emit = _Emitter(on_tokens)
     embed = target.embed
     while reason is None:
-        if on_tokens is not None and len(new) > emitted:
-            on_tokens(new[emitted:])
-            emitted = len(new)
+        emit(new)
         k = min(params.k, max_context - s.length - 1)
         if k < 1:
             reason = "length"
@@ -216,8 +226,7 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
         for i in range(a):
             g.accepted_per_pos[i] += 1
         new, reason = _finish(s.sequence[len(prompt_ids):], target.eos_ids, params.max_new_tokens)
-    if on_tokens is not None and len(new) > emitted:
-        on_tokens(new[emitted:])
+    emit(new)
     g.tokens, g.finish_reason = new, reason
     if capture:
         g.sequence = s.sequence
@@ -228,7 +237,7 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
 
 @torch.inference_mode()
 def target_generate(target: Target, prompt_ids: list[int], params: DecodeConfig,
-                    max_context: int = 2048) -> Generation:
+                    max_context: int = 2048, on_tokens=None) -> Generation:
     """The baseline: the target alone, one token per forward pass."""
     _check_room(target, len(prompt_ids), max_context)
     gen = _generator(params)
@@ -238,8 +247,10 @@ def target_generate(target: Target, prompt_ids: list[int], params: DecodeConfig,
                    prefill_s=time.perf_counter() - t0)
     seq = [y]
     new, reason = _finish(seq, target.eos_ids, params.max_new_tokens)
+    emit = _Emitter(on_tokens)
     t0 = time.perf_counter()
     while reason is None:
+        emit(new)
         if len(prompt_ids) + len(seq) >= max_context:
             reason = "length"
             break
@@ -248,5 +259,6 @@ def target_generate(target: Target, prompt_ids: list[int], params: DecodeConfig,
         g.passes += 1
         new, reason = _finish(seq, target.eos_ids, params.max_new_tokens)
     g.verify_s = time.perf_counter() - t0
+    emit(new)
     g.tokens, g.finish_reason = new, reason
     return g

@@ -147,3 +147,12 @@ def test_sampling_end_to_end_matches_target_distribution():
     tv3 = 0.5 * float((c3 / n - m3).abs().sum())
     assert 0 < accepted < n * 2  # both accept and reject paths were exercised
     assert tv2 < 0.05 and tv3 < 0.05, (tv2, tv3)  # noise alone gives ~0.02 at n=2500, V=10
+
+
+def test_streaming_callback_sees_every_token_once(tiny):
+    for fn in (lambda cb: speculative_generate(tiny, _good_head(tiny), [1, 2, 3], DecodeConfig(k=3, max_new_tokens=30),
+                                               on_tokens=cb),
+               lambda cb: target_generate(tiny, [1, 2, 3], DecodeConfig(max_new_tokens=30), on_tokens=cb)):
+        chunks = []
+        g = fn(chunks.append)
+        assert [t for c in chunks for t in c] == g.tokens and all(chunks)

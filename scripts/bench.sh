@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The issue-2 benchmark: warm-start a draft head on the first half of each workload, then
+# benchmark speculative decoding against the target alone on the second half (disjoint),
+# interleaved in one process. Usage: scripts/bench.sh [RUN_DIR] [extra tide bench args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${1:-runs/bench}; shift || true
+W=${WORKLOADS:-../shared/workloads}
+FILES="$W/mt_bench.jsonl $W/alpaca.jsonl $W/humaneval.jsonl $W/gsm8k.jsonl"
+TIDE=.venv/bin/tide
+if [ ! -f "$RUN/draft/model.safetensors" ]; then
+  $TIDE train-offline --half first --out "$RUN/draft" --prompts $FILES
+fi
+$TIDE bench --half second --draft "$RUN/draft" --json "$RUN/bench.json" --peer pld \
+  --limit "${LIMIT:-10}" --prompts $FILES "$@"
