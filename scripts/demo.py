@@ -102,9 +102,9 @@ def main() -> int:
                         marks=[(shift, "domain shift: code")])
     pre = window_mean(rows, shift - 60, shift)
     recover_s = None
-    for r in rows:  # first time the 30 s mean is back at the pre-shift level
-        if r["elapsed_s"] > shift + 30 and pre is not None:
-            m = window_mean(rows, r["elapsed_s"] - 30, r["elapsed_s"])
+    for r in rows:  # first time the trailing 60 s mean is back at the pre-shift level
+        if r["elapsed_s"] > shift + 60 and pre is not None:
+            m = window_mean(rows, r["elapsed_s"] - 60, r["elapsed_s"])
             if m is not None and m >= pre:
                 recover_s = round(r["elapsed_s"] - shift, 1)
                 break
