@@ -59,7 +59,7 @@ class ServingActor:
             try:
                 box["result"] = self.engine.generate(prompt_ids, self.engine.decode_params(**params),
                                                      request_id, on_tokens=lambda t: q.put(list(t)))
-            except Exception as e:  # surfaced to the caller below
+            except Exception as e:  # surfaced to the caller below (Cancelled: nobody is listening)
                 box["error"] = e
             q.put(_DONE)
 
@@ -71,6 +71,9 @@ class ServingActor:
         result = box["result"]
         result["text"] = self.detokenize(result["tokens"])
         yield result
+
+    def cancel(self, request_id: str) -> None:
+        self.engine.cancel(request_id)
 
     def stats(self) -> dict:
         return self.engine.stats()

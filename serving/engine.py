@@ -31,6 +31,10 @@ class Overloaded(TideError):
     """The replica's queue is full; the client should retry later (HTTP 429)."""
 
 
+class Cancelled(TideError):
+    """The client went away; decoding stopped at the next verify pass."""
+
+
 class ServingEngine:
     def __init__(self, cfg: TideConfig, replica: str, target: Target, head, version: int,
                  writer=None, weights=None):
@@ -41,11 +45,12 @@ class ServingEngine:
         self._admit_lock = threading.Lock()
         self._waiting = 0
         self._rejected_versions: set[int] = set()
+        self._cancelled: set[str] = set()
         self._stop = threading.Event()
         k = cfg.decode.k
         self.stats_ = {
             "requests_ok": 0, "requests_failed": 0, "requests_rejected": 0,
-            "generated_tokens": 0, "prompt_tokens": 0, "drafts": 0, "draft_tokens": 0,
+            "requests_cancelled": 0, "generated_tokens": 0, "prompt_tokens": 0, "drafts": 0, "draft_tokens": 0,
             "accepted_tokens": 0, "accepted_per_pos": [0] * k, "decode_s": 0.0,
             "accept_len_ema": None, "swaps_applied": 0, "swaps_rejected": 0,
             "last_swap_latency_s": None, "last_swap_at": None, "last_swap_error": None,
@@ -73,6 +78,13 @@ class ServingEngine:
     def generate(self, prompt_ids: list[int], params: DecodeConfig, request_id: str | None = None,
                  on_tokens=None) -> dict:
         request_id = request_id or uuid.uuid4().hex
+
+        def stream(tokens: list[int]) -> None:
+            if request_id in self._cancelled:
+                raise Cancelled(f"request {request_id} was cancelled")
+            if on_tokens is not None:
+                on_tokens(tokens)
+
         with self._admit_lock:
             if self._waiting > self.cfg.serving.max_queue:  # one decoding + max_queue waiting
                 self.stats_["requests_rejected"] += 1
@@ -84,15 +96,19 @@ class ServingEngine:
                 t0 = time.perf_counter()
                 if self.cfg.serving.speculative:
                     g = speculative_generate(self.target, head, prompt_ids, params, self.cfg.model.max_context,
-                                             capture=self.cfg.serving.capture, on_tokens=on_tokens)
+                                             capture=self.cfg.serving.capture, on_tokens=stream)
                 else:
                     g = target_generate(self.target, prompt_ids, params, self.cfg.model.max_context,
-                                        on_tokens=on_tokens)
+                                        on_tokens=stream)
                 elapsed = time.perf_counter() - t0
+        except Cancelled:
+            self.stats_["requests_cancelled"] += 1
+            raise
         except Exception:
             self.stats_["requests_failed"] += 1
             raise
         finally:
+            self._cancelled.discard(request_id)
             with self._admit_lock:
                 self._waiting -= 1
         self._account(g, elapsed, len(prompt_ids))
@@ -123,6 +139,10 @@ class ServingEngine:
         if g.passes:
             ema = s["accept_len_ema"]
             s["accept_len_ema"] = g.mean_accept_len if ema is None else 0.8 * ema + 0.2 * g.mean_accept_len
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request at its next verify pass (or before it starts): its client is gone."""
+        self._cancelled.add(request_id)
 
     def decode_params(self, **overrides) -> DecodeConfig:
         return replace(self.cfg.decode, **{k: v for k, v in overrides.items() if v is not None})

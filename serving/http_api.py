@@ -217,6 +217,7 @@ def build_app(actors: list, model_id: str, max_context: int, max_queue: int, sta
                 return f"data: {json.dumps(out)}\n\n"
 
             tokens: list[int] = []
+            finished = False
             try:
                 gen = actor.generate_stream.options(num_returns="streaming").remote(ids, params, rid)
                 async for ref in gen:
@@ -239,6 +240,7 @@ def build_app(actors: list, model_id: str, max_context: int, max_queue: int, sta
                             yield chunk(text[len(sent):])
                             sent = text
                         finish = "stop" if (stopped or done) else item["finish_reason"]
+                        finished = True
                         yield chunk("", finish, _usage(item))
                 counters["ok"] += 1
                 yield "data: [DONE]\n\n"
@@ -246,6 +248,8 @@ def build_app(actors: list, model_id: str, max_context: int, max_queue: int, sta
                 counters["server_error"] += 1
                 yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
             finally:
+                if not finished:  # the client went away: free the replica, not only our slot
+                    actor.cancel.remote(rid)
                 router.release(i)
 
         return StreamingResponse(events(), media_type="text/event-stream")

@@ -39,7 +39,7 @@ def prometheus_text(replicas: list[dict], http: dict) -> str:
             for o in ("written", "dropped")])
     metric("tide_replica_requests_total", "counter", "requests finished by each replica, by status",
            [({"replica": r["replica"], "status": s}, r.get(f"requests_{s}", 0)) for r in replicas
-            for s in ("ok", "failed", "rejected")])
+            for s in ("ok", "failed", "rejected", "cancelled")])
     metric("tide_http_requests_total", "counter", "HTTP requests by status",
            [({"status": k}, v) for k, v in http.items()])
     return "\n".join(out) + "\n"

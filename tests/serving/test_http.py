@@ -183,3 +183,24 @@ def test_metrics_status_load_plot(server):
     png = server["run_dir"] / "acceptance.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((server["run_dir"] / "wandb").glob("offline-run-*")), "W&B offline run missing"
+
+
+def test_client_disconnect_mid_stream_frees_the_replica(server, client):
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def cancelled():
+        text = httpx.get(server["url"] + "/metrics", headers=headers).text
+        line = next(ln for ln in text.splitlines() if 'status="cancelled"' in ln)
+        return float(line.split()[-1])
+
+    before = cancelled()
+    stream = client.completions.create(model="m", prompt="tell a very long story", max_tokens=200,
+                                       temperature=0, stream=True)
+    next(iter(stream))  # the first chunk arrives, then the client goes away
+    stream.close()
+    deadline = time.time() + 30
+    while time.time() < deadline and cancelled() == before:
+        time.sleep(0.2)
+    assert cancelled() == before + 1  # the replica stopped decoding for nobody
+    out = client.completions.create(model="m", prompt="hi", max_tokens=8, temperature=0)
+    assert out.choices[0].text is not None
