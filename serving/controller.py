@@ -110,11 +110,10 @@ class Controller:
 
         max_context = ray.get(self.actors[0].max_context.remote())
         app = build_app(self.actors, self.cfg.model.source, max_context, self.cfg.serving.max_queue,
-                        lambda: self._replica_stats, self.cfg.serving.api_key_env)
+                        self.cfg.serving.api_key_env)
         config = uvicorn.Config(app, host=self.cfg.serving.host, port=self.cfg.serving.port,
                                 log_level="warning", access_log=False)
         self.http_server = uvicorn.Server(config)
-        self._replica_stats: list[dict] = []
         threading.Thread(target=self.http_server.run, name="http", daemon=True).start()
         for _ in range(200):
             if self.http_server.started:
@@ -143,7 +142,6 @@ class Controller:
         import ray
 
         replicas = ray.get([a.stats.remote() for a in self.actors], timeout=10)
-        self._replica_stats = replicas
         trainer, trainer_metrics = None, []
         if self.trainer is not None:
             try:

@@ -7,6 +7,7 @@ the fewest in-flight requests; when every replica's queue is full the answer is 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -93,7 +94,7 @@ def _usage(result: dict) -> dict:
                      "acceptance_length": result["accept_len"], "replica": result["replica"]}}
 
 
-def build_app(actors: list, model_id: str, max_context: int, max_queue: int, stats_fn,
+def build_app(actors: list, model_id: str, max_context: int, max_queue: int,
               api_key_env: str = "TIDE_API_KEY") -> FastAPI:
     app = FastAPI(title="tide", docs_url=None, redoc_url=None)
     router = Router(actors, max_queue)
@@ -125,7 +126,8 @@ def build_app(actors: list, model_id: str, max_context: int, max_queue: int, sta
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(prometheus_text(stats_fn(), counters),
+        stats = list(await asyncio.gather(*[a.stats.remote() for a in actors]))  # fresh, per scrape
+        return PlainTextResponse(prometheus_text(stats, counters),
                                  media_type="text/plain; version=0.0.4")
 
     async def _body(request: Request) -> dict:
