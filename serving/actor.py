@@ -12,7 +12,6 @@ import queue
 import threading
 
 import ray
-import torch
 
 from serving.engine import ServingEngine
 from serving.record_writer import AsyncRecordWriter
@@ -27,7 +26,6 @@ class ServingActor:
     def __init__(self, cfg: dict, redis_url: str, replica: str):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         self.cfg = from_dict(cfg)
-        torch.set_num_threads(max(1, self.cfg.serving.threads))
         client = connect(redis_url)
         prefix = self.cfg.redis.prefix
         writer = AsyncRecordWriter(RedisRecordStream(client, prefix, self.cfg.redis.stream_maxlen),

@@ -92,6 +92,10 @@ class ServingEngine:
             self._waiting += 1
         try:
             with self._decode_lock:
+                # OpenMP's thread count is per OS thread, and Ray runs calls on pool threads
+                # that start with OMP_NUM_THREADS=1: set it where the decoding happens
+                if self.cfg.serving.threads > 0:
+                    torch.set_num_threads(self.cfg.serving.threads)
                 head, version = self.head, self.version
                 t0 = time.perf_counter()
                 if self.cfg.serving.speculative:

@@ -37,6 +37,7 @@ class TrainerActor:
         self._thread.start()
 
     def _loop(self):
+        torch.set_num_threads(max(1, self.cfg.online.threads))  # per OS thread (OpenMP)
         try:
             self.trainer.run(self._stop)
         except Exception:
