@@ -45,6 +45,7 @@ class ServingEngine:
         self._admit_lock = threading.Lock()
         self._waiting = 0
         self._rejected_versions: set[int] = set()
+        self._active: set[str] = set()
         self._cancelled: set[str] = set()
         self._stop = threading.Event()
         k = cfg.decode.k
@@ -90,6 +91,7 @@ class ServingEngine:
                 self.stats_["requests_rejected"] += 1
                 raise Overloaded(f"replica {self.replica} has {self._waiting} requests queued; retry later")
             self._waiting += 1
+            self._active.add(request_id)
         try:
             with self._decode_lock:
                 # OpenMP's thread count is per OS thread, and Ray runs calls on pool threads
@@ -112,9 +114,10 @@ class ServingEngine:
             self.stats_["requests_failed"] += 1
             raise
         finally:
-            self._cancelled.discard(request_id)
             with self._admit_lock:
                 self._waiting -= 1
+                self._active.discard(request_id)
+                self._cancelled.discard(request_id)
         self._account(g, elapsed, len(prompt_ids))
         if g.features is not None and self.writer is not None:
             record = HiddenStateRecord(
@@ -145,8 +148,11 @@ class ServingEngine:
             s["accept_len_ema"] = g.mean_accept_len if ema is None else 0.8 * ema + 0.2 * g.mean_accept_len
 
     def cancel(self, request_id: str) -> None:
-        """Stop a request at its next verify pass (or before it starts): its client is gone."""
-        self._cancelled.add(request_id)
+        """Stop a request at its next verify pass: its client is gone. A request that already
+        finished is left alone (nothing to stop, nothing to remember)."""
+        with self._admit_lock:
+            if request_id in self._active:
+                self._cancelled.add(request_id)
 
     def decode_params(self, **overrides) -> DecodeConfig:
         return replace(self.cfg.decode, **{k: v for k, v in overrides.items() if v is not None})

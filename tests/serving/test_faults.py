@@ -119,3 +119,23 @@ def test_stream_at_cap_stays_bounded(redis_server):
     assert len(items) == 10 and HiddenStateRecord.from_bytes(items[0][1]).request_id == "x"
     stream.ack([i for i, _ in items])
     assert client.xpending(stream.key, "trainers")["pending"] == 0
+
+
+def test_cancel_stops_an_active_request_and_forgets_finished_ones():
+    from serving.engine import Cancelled
+
+    target = tiny_target()
+    engine = ServingEngine(TideConfig(), "r0", target, new_head(target, 64), 0)
+    params = engine.decode_params(max_new_tokens=60)
+    seen = []
+
+    def on_tokens(tokens):
+        seen.extend(tokens)
+        engine.cancel("req-1")  # the client goes away after the first tokens
+
+    with pytest.raises(Cancelled):
+        engine.generate([1, 2, 3], params, request_id="req-1", on_tokens=on_tokens)
+    assert 0 < len(seen) < 60 and engine.stats()["requests_cancelled"] == 1
+    engine.cancel("req-1")  # already over: nothing is remembered
+    assert not engine._cancelled
+    assert len(engine.generate([1, 2, 3], params, request_id="req-1")["tokens"]) > 0
