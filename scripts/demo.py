@@ -38,17 +38,19 @@ def window_mean(rows: list[dict], t0: float, t1: float) -> float | None:
     return round(sum(xs) / len(xs), 3) if xs else None
 
 
-def pull_draft(status: dict, out: Path) -> int:
+def pull_draft(status: dict, out: Path, overrides: list[str]) -> int:
     """Save the draft the system serves now as a checkpoint folder (for the final bench)."""
-    from tide.checkpoint import new_head, save_draft, state_from_bytes, swap_in_place
+    from tide.checkpoint import load_draft, new_head, save_draft, state_from_bytes, swap_in_place
     from tide.config import load_config
     from tide.models import load_target
     from tide.transport.redis_transport import RedisWeightChannel, connect
 
-    cfg = load_config()
+    cfg = load_config(overrides=overrides)
     target = load_target(cfg.model)
-    head = new_head(target, cfg.draft.vocab_size, seed=cfg.draft.seed)
-    version = 0
+    if cfg.draft.path:  # nothing published yet: the system still serves its starting draft
+        head, version = load_draft(cfg.draft.path, target)
+    else:
+        head, version = new_head(target, cfg.draft.vocab_size, seed=cfg.draft.seed), 0
     url = status["redis"]
     channel = RedisWeightChannel(connect(url), cfg.redis.prefix)
     latest = channel.latest_version()
@@ -64,7 +66,9 @@ def main() -> int:
     ap.add_argument("--run-dir", default="runs/demo")
     ap.add_argument("--chat-s", type=float, default=300)
     ap.add_argument("--code-s", type=float, default=300)
-    ap.add_argument("--code-prompts", default=str(ROOT.parent / "shared/workloads/humaneval.jsonl"))
+    ap.add_argument("--first-prompts", default="builtin", help="phase-1 traffic (default: built-in chat)")
+    ap.add_argument("--code-prompts", default=str(ROOT.parent / "shared/workloads/humaneval.jsonl"),
+                    help="phase-2 traffic after the shift (first half; the final bench uses the second)")
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--static", action="store_true", help="online training off (the comparison)")
@@ -75,7 +79,7 @@ def main() -> int:
     overrides = [f"decode.max_new_tokens={args.max_tokens}", *args.overrides]
     if args.static:
         overrides.append("online.enabled=false")
-    chat = load_prompts("builtin")
+    chat = load_prompts(args.first_prompts)
     code_all = load_prompts(args.code_prompts)
     code = code_all[: len(code_all) // 2]  # traffic; the final bench uses the other half
     t_start = time.time()
@@ -90,7 +94,7 @@ def main() -> int:
         r2 = run_load(url, code, args.concurrency, duration_s=args.code_s, max_tokens=args.max_tokens)
         time.sleep(2)
         status = json.loads((run_dir / "status.json").read_text())
-        version = pull_draft(status, run_dir / "final_draft")
+        version = pull_draft(status, run_dir / "final_draft", overrides)
     finally:
         tide("down", "--run-dir", str(run_dir), check=False)
     rows = load_history(run_dir / "history.jsonl")
@@ -98,8 +102,9 @@ def main() -> int:
     shift = shift_at - t0
     end = rows[-1]["elapsed_s"]
     label = "static draft" if args.static else "online training"
-    plot = plot_history(rows, run_dir / "acceptance.png", title=f"tide demo ({label}): chat, then code",
-                        marks=[(shift, "domain shift: code")])
+    phases = f"{Path(args.first_prompts).stem}, then {Path(args.code_prompts).stem}"
+    plot = plot_history(rows, run_dir / "acceptance.png", title=f"tide demo ({label}): {phases}",
+                        marks=[(shift, "domain shift")])
     pre = window_mean(rows, shift - 60, shift)
     recover_s = None
     for r in rows:  # first time the trailing 60 s mean is back at the pre-shift level
