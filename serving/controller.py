@@ -41,8 +41,7 @@ class Controller:
         self.wandb_run = None
         self.started_at = time.time()
         self._prev: dict | None = None
-        self._last_versions: list[int] = []
-        self.events: list[dict] = []
+        self._stream = None  # the records stream, for its length in status
 
     # -- start ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -173,9 +172,6 @@ class Controller:
         dpos = [a - b for a, b in zip(per_pos, prev["per_pos"])]
         self._prev = {**tot, "per_pos": per_pos}
         versions = [r["draft_version"] for r in replicas]
-        if versions != self._last_versions:
-            self.events.append({"t": time.time(), "draft_versions": versions})
-            self._last_versions = versions
         row = {"t": round(time.time(), 3), "elapsed_s": round(time.time() - self.started_at, 1),
                "draft_version": max(versions), "requests": tot["requests_ok"],
                "generated_tokens": tot["generated_tokens"]}
@@ -190,8 +186,10 @@ class Controller:
         from tide.transport.base import TransportError
         from tide.transport.redis_transport import RedisRecordStream, connect
 
+        if self._stream is None:  # one client for the controller's life, not one per tick
+            self._stream = RedisRecordStream(connect(self.redis_url, 1.0), self.cfg.redis.prefix)
         try:
-            return RedisRecordStream(connect(self.redis_url, 1.0), self.cfg.redis.prefix).length()
+            return self._stream.length()
         except TransportError:
             return None
 
