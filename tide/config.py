@@ -29,6 +29,8 @@ class ModelConfig:
     cache_dir: str = "~/.cache/tide/models"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     max_context: int = 2048  # prompt + generated tokens
+    # fp32: run few-row products (verify passes) as W @ x^T; see tide.models.SkinnyLinear
+    skinny_matmul: bool = True
 
 
 @dataclass

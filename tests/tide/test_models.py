@@ -1,0 +1,36 @@
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import tiny_target
+from tide.models import SkinnyLinear, use_skinny_matmul
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_skinny_linear_matches_linear(rows, bias):
+    torch.manual_seed(rows)
+    ref = nn.Linear(24, 40, bias=bias)
+    skinny = nn.Linear(24, 40, bias=bias)
+    skinny.load_state_dict(ref.state_dict())
+    skinny.__class__ = SkinnyLinear
+    x = torch.randn(1, rows, 24)
+    torch.testing.assert_close(skinny(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert skinny(x).shape == (1, rows, 40)
+
+
+def test_use_skinny_matmul_keeps_parameters_ties_and_outputs():
+    target = tiny_target()
+    model = target.model
+    ids = torch.randint(1, 90, (1, 6))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    keys = set(model.state_dict())
+    use_skinny_matmul(model)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is SkinnyLinear for m in linears)
+    assert set(model.state_dict()) == keys
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # the tie survives
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
