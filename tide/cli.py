@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="use the first/second half of each prompt file (train/bench split)")
     t.add_argument("--limit", type=int, help="at most N prompts per file (after --half)")
     t.add_argument("--out", required=True, help="checkpoint folder to write")
+    t.add_argument("--records", help="folder of target answers: reused when it holds some, else written")
     _common(t)
 
     b = sub.add_parser("bench", help="speculative vs target alone, interleaved")
@@ -131,7 +132,7 @@ def cmd_train_offline(args) -> int:
 
     cfg = _cfg(args)
     prompts = [p for ps in _load_workloads(args.prompts, args.half, args.limit).values() for p in ps]
-    summary = warm_start(cfg, prompts, args.out)
+    summary = warm_start(cfg, prompts, args.out, args.records)
     last = summary["history"][-1]
     print(json.dumps({"out": args.out, "records": summary["records"],
                       "generated_tokens": summary["generated_tokens"],

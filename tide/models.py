@@ -134,12 +134,13 @@ class SkinnyLinear(nn.Linear):
     A verify pass multiplies k+1 rows by every weight matrix. On CPUs without AVX-512 (measured
     on a 2-core AVX2 EPYC), MKL's sgemm for x @ W^T with 2-16 rows runs at a fraction of the
     memory bandwidth: 4 rows cost 2.1x one row. As W @ x^T the same product streams W once, so
-    4 rows cost about what 1 does and verification is nearly free, as speculation needs. One
-    row (the target-alone step) and long inputs (prefill) keep the stock path. Same arithmetic,
-    another summation order: results agree to fp32 rounding.
+    4 rows cost about what 1 does and verification is nearly free, as speculation needs; batched
+    decoding (16-128 rows) gains 1.3-1.8x too. One row (the target-alone step) and long inputs
+    (prefill, where both run at peak) keep the stock path. Same arithmetic, another summation
+    order: results agree to fp32 rounding.
     """
 
-    max_rows = 16
+    max_rows = 128
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]

@@ -1,5 +1,6 @@
-"""Offline warm start: the target answers a prompt set, we capture its hidden states as
-`HiddenStateRecord`s, and train a fresh draft head on them with the shared `train_step`."""
+"""Offline warm start: the target answers a prompt set (trainers.target_data captures its hidden
+states as `HiddenStateRecord`s), and a fresh draft head trains on them with the shared
+`train_step`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,64 +16,12 @@ import torch
 from tide.checkpoint import new_head, save_draft
 from tide.config import TideConfig, to_dict
 from tide.models import Target, load_target
-from tide.prompts import Prompt, encode
+from tide.prompts import Prompt
 from tide.records import HiddenStateRecord
+from trainers.target_data import generate_records
 from trainers.train_step import evaluate, make_batches, make_optimizer, train_step
 
 log = logging.getLogger(__name__)
-
-
-@torch.inference_mode()
-def generate_records(target: Target, prompts: list[Prompt], max_new_tokens: int,
-                     batch_size: int, temperature: float = 0.0, seed: int = 0) -> list[HiddenStateRecord]:
-    """Answers in batches (greedy, or sampled at `temperature` for more varied data), then one
-    teacher-forced pass per batch for the features."""
-    torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 \
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    tok = target.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else min(target.eos_ids)
-    eos = target.eos_ids
-    records = []
-    t0 = time.perf_counter()
-    for start in range(0, len(prompts), batch_size):
-        encoded = [encode(tok, p) for p in prompts[start : start + batch_size]]
-        L = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), L), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for b, e in enumerate(encoded):  # left padding for generation
-            ids[b, L - len(e):], attn[b, L - len(e):] = torch.tensor(e), 1
-        out = target.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-                                    pad_token_id=pad, **sampling)
-        seqs = []
-        for b, e in enumerate(encoded):
-            gen = out[b, L:].tolist()
-            cut = next((i + 1 for i, t in enumerate(gen) if t in eos), len(gen))
-            seqs.append(e + gen[:cut])
-        records += _capture(target, seqs, [len(e) for e in encoded], start)
-        log.info("generated %d/%d answers (%.0f s)", min(start + batch_size, len(prompts)),
-                 len(prompts), time.perf_counter() - t0)
-    return records
-
-
-def _capture(target: Target, seqs: list[list[int]], prompt_lens: list[int], offset: int):
-    """Right-padded teacher-forced pass; causal attention keeps padding out of real positions."""
-    T = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)], attn[b, : len(s)] = torch.tensor(s), 1
-    hs = target.model(input_ids=ids, attention_mask=attn, output_hidden_states=True,
-                      logits_to_keep=1).hidden_states
-    feats = torch.cat([hs[i] for i in target.feature_layers], dim=-1)
-    out = []
-    for b, s in enumerate(seqs):
-        n = len(s) - 1  # positions 0..n-1 have features; x_n is the last token
-        out.append(HiddenStateRecord(
-            request_id=f"warm-{offset + b}", target_model_id=target.model_id, draft_version=0,
-            input_ids=torch.tensor(s), features=feats[b, :n].clone(),
-            final_hidden=hs[-1][b, :n].clone(), prompt_len=prompt_lens[b]))
-    return out
 
 
 def token_counts(records: list[HiddenStateRecord], vocab_size: int) -> torch.Tensor:
@@ -123,19 +73,20 @@ def warm_start(cfg: TideConfig, prompts: list[Prompt], out_dir: str | Path,
                records_dir: str | Path | None = None) -> dict:
     """Train a head; records are read from `records_dir` when it holds some, else generated
     (and saved there when given, so a later run with other training settings can reuse them)."""
-    target = load_target(cfg.model, cfg.draft.feature_layers)
+    tc = cfg.train
+    target = load_target(replace(cfg.model, dtype=tc.gen_dtype), cfg.draft.feature_layers)
     t0 = time.perf_counter()
     if records_dir and any(Path(records_dir).glob("*.rec")):
         records = load_records(records_dir)
         log.info("loaded %d records from %s", len(records), records_dir)
     else:
-        tc = cfg.train
-        records = generate_records(target, prompts, tc.gen_max_new_tokens, tc.gen_batch_size)
-        for i in range(1, tc.gen_samples):  # extra sampled answers: more of the target's behaviour
+        records = []
+        for i in range(tc.gen_samples):  # the first answer greedy, the others from a sampled prefix
+            log.info("answers round %d/%d", i + 1, tc.gen_samples)
             records += generate_records(target, prompts, tc.gen_max_new_tokens, tc.gen_batch_size,
-                                        tc.gen_temperature, seed=i)
-        if records_dir:
-            save_records(records, Path(records_dir))
+                                        tc.gen_temperature if i else 0.0, tc.gen_sampled_prefix, seed=i)
+            if records_dir:
+                save_records(records, Path(records_dir))
     gen_s = time.perf_counter() - t0
     counts = token_counts(records, target.config.vocab_size)
     head = new_head(target, cfg.draft.vocab_size, counts, seed=cfg.draft.seed)

@@ -8,7 +8,8 @@ from tide.checkpoint import new_head
 from tide.config import DecodeConfig, load_config
 from tide.prompts import encode, load_prompts
 from tide.speculative import speculative_generate, target_generate
-from trainers.warm_start import generate_records, token_counts, train_head
+from trainers.target_data import generate_records
+from trainers.warm_start import token_counts, train_head
 
 pytestmark = pytest.mark.slow
 
