@@ -61,6 +61,8 @@ class TrainConfig:
     batch_size: int = 4
     epochs: int = 8
     grad_clip: float = 1.0
+    warmup_frac: float = 0.05  # offline warm start: linear warmup over this share of the steps,
+    min_lr_frac: float = 0.1  # then cosine decay to this fraction of lr
     seed: int = 0
     # warm start: how the target writes the answers it is trained on
     gen_max_new_tokens: int = 192
@@ -78,7 +80,10 @@ class OnlineConfig:
     """When the online trainer trains and publishes (TIDE's selective training control)."""
 
     enabled: bool = True  # false: a static draft (the comparison run)
+    lr: float = 1e-3  # fine-tuning rate (the warm start's train.lr is for a fresh head)
     buffer_records: int = 256  # replay buffer of recent records
+    recent_records: int = 32  # half of every batch comes from the newest this many: new traffic
+    # is learned within minutes, the other half replays the whole buffer against forgetting
     holdout_every: int = 4  # every n-th record is held out for the eval gate
     holdout_records: int = 24  # the most recent held-out records: the gate follows the traffic
     min_records: int = 8  # train only once this many records are buffered

@@ -8,7 +8,9 @@ average of served acceptance length. Training runs while
 Eval gate: every `eval_every` steps the candidate and the serving draft are scored on the same
 held-out records (simulated acceptance length, tide's train step metrics); the candidate is
 published as the next version only if it wins by `gate_margin`.
-Training uses the same `train_step` as the offline warm start; only the batch source differs.
+Training uses the same `train_step` as the offline warm start; only the batch source differs:
+half of each batch from the newest records (the traffic as it is now), half replayed from the
+buffer, at `online.lr` (fine-tuning a warm head at the warm start's rate undid it).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class OnlineTrainer:
         self.head.float()
         self.serving_head = copy.deepcopy(self.head)  # what the replicas serve: the gate's bar
         self.rows = target.lm_head_weight[self.head.target_ids].float()
-        self.opt = make_optimizer(self.head, cfg.train.lr, cfg.train.weight_decay)
+        self.opt = make_optimizer(self.head, cfg.online.lr, cfg.train.weight_decay)
         oc = cfg.online
         self.buffer: deque[HiddenStateRecord] = deque(maxlen=oc.buffer_records)
         self.holdout: deque[HiddenStateRecord] = deque(maxlen=oc.holdout_records)
@@ -129,9 +131,20 @@ class OnlineTrainer:
         below_goal = self.drift.short is None or self.drift.short < oc.goal_accept_len
         return below_goal and self.rejections_in_a_row < oc.patience
 
+    def sample_batch(self, n: int) -> list[HiddenStateRecord]:
+        """Half from the newest `recent_records` (what traffic looks like now), half from the
+        whole buffer (replay), without repeats."""
+        records = list(self.buffer)
+        n = min(n, len(records))
+        recent = records[-self.cfg.online.recent_records :]
+        picked = self.rng.sample(range(len(records) - len(recent), len(records)), min((n + 1) // 2, len(recent)))
+        taken = set(picked)
+        picked += self.rng.sample([i for i in range(len(records)) if i not in taken], n - len(picked))
+        return [records[i] for i in picked]
+
     def train_once(self) -> dict | None:
         tc = self.cfg.train
-        sample = self.rng.sample(list(self.buffer), min(tc.batch_size, len(self.buffer)))
+        sample = self.sample_batch(tc.batch_size)
         batch = next(make_batches(sample, tc.seq_len, tc.batch_size, self.rng), None)
         if batch is None:  # these records hold no window with generated tokens
             return None

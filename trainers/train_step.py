@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from tide.draft_head import DraftHead
 from tide.records import HiddenStateRecord
@@ -60,23 +61,34 @@ def collate(items) -> Batch:
 
 
 def make_batches(records, seq_len: int, batch_size: int, rng: random.Random | None = None):
+    """Batches of windows. Shuffled (rng given): windows of similar length share a batch
+    (sorted within chunks of 16 batches), so little of a batch is padding; batch order is random."""
     items = list(windows(records, seq_len))
     if rng is not None:
         rng.shuffle(items)
-    for i in range(0, len(items), batch_size):
-        yield collate(items[i : i + batch_size])
+        chunk = 16 * batch_size
+        items = [x for i in range(0, len(items), chunk)
+                 for x in sorted(items[i : i + chunk], key=lambda w: w[1].shape[0])]
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    if rng is not None:
+        rng.shuffle(batches)
+    for b in batches:
+        yield collate(b)
 
 
 def ttt_forward(head: DraftHead, embed, target_lm_rows: torch.Tensor, batch: Batch, steps: int):
-    """Returns the loss and per-step accuracy (list of `steps` floats; tensor loss)."""
+    """Returns the loss and per-step accuracy (list of `steps` floats; tensor loss).
+
+    The LM heads (the draft's and the target's restricted one, most of the cost) run only where
+    a loss is taken: on predictions of generated tokens, never on prompt or padding positions.
+    """
     B, T = batch.loss_mask.shape
     dtype = head.fc.weight.dtype
     with torch.no_grad():
-        # target distribution restricted to the draft vocabulary, (B, T, Vd)
-        p = torch.softmax(batch.final_hidden.to(dtype) @ target_lm_rows.to(dtype).T, dim=-1)
-        ids = torch.nn.functional.pad(batch.input_ids, (0, steps))  # room for the shifts
-        pad_p = torch.nn.functional.pad(p, (0, 0, 0, steps + 1))
-        pad_mask = torch.nn.functional.pad(batch.loss_mask, (0, steps + 1))
+        ids = F.pad(batch.input_ids, (0, steps))  # room for the shifts
+        final = F.pad(batch.final_hidden, (0, 0, 0, steps + 1)).to(dtype)  # (B, T+steps+1, H)
+        pad_mask = F.pad(batch.loss_mask, (0, steps + 1))
+        rows = target_lm_rows.to(dtype)
     hidden = head.fuse(batch.features.to(dtype))
     positions = torch.arange(T)
     base, diag = None, []
@@ -89,14 +101,16 @@ def ttt_forward(head: DraftHead, embed, target_lm_rows: torch.Tensor, batch: Bat
             base = kv
         else:
             diag.append(kv)
-        logp = torch.log_softmax(head.logits(hidden).float(), dim=-1)  # (B, T, Vd)
-        target = pad_p[:, j + 1 : j + 1 + T]  # p_{i+j+1}
-        mask = pad_mask[:, j + 1 : j + 1 + T]
-        n = mask.sum().clamp_min(1)
-        loss = loss + (-(target * logp).sum(-1) * mask).sum() / n
+        b, i = pad_mask[:, j + 1 : j + 1 + T].nonzero(as_tuple=True)  # (N,) each
+        if len(b) == 0:
+            accs.append(0.0)
+            continue
         with torch.no_grad():
-            hit = (logp.argmax(-1) == target.argmax(-1)) & mask
-            accs.append(float(hit.sum() / n))
+            p = torch.softmax(final[b, i + j + 1] @ rows.T, dim=-1)  # p_{i+j+1}, (N, Vd)
+        logp = torch.log_softmax(head.logits(hidden[b, i]).float(), dim=-1)  # (N, Vd)
+        loss = loss + (-(p * logp).sum(-1)).mean()
+        with torch.no_grad():
+            accs.append(float((logp.argmax(-1) == p.argmax(-1)).float().mean()))
     return loss / steps, accs
 
 

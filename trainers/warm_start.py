@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import replace
@@ -42,10 +43,12 @@ def train_head(head, target: Target, train: list, holdout: list, cfg: TideConfig
     log.info("before training: held-out simulated acceptance length %.2f",
              history[0]["sim_accept_len"])
     n_batches = sum(1 for _ in make_batches(train, tc.seq_len, tc.batch_size))
+    sched = warmup_cosine(opt, tc.epochs * n_batches, tc.warmup_frac, tc.min_lr_frac)
     for epoch in range(1, tc.epochs + 1):
         t0 = time.perf_counter()
         for i, batch in enumerate(make_batches(train, tc.seq_len, tc.batch_size, rng), 1):
             m = train_step(head, embed, rows, batch, opt, tc.ttt_steps, tc.grad_clip)
+            sched.step()
             if on_metrics:
                 on_metrics(m)
             if i % 10 == 0 or i == n_batches:
@@ -57,6 +60,19 @@ def train_head(head, target: Target, train: list, holdout: list, cfg: TideConfig
                  epoch, time.perf_counter() - t0, ev["loss"], [round(a, 3) for a in ev["acc"]],
                  ev["sim_accept_len"])
     return history
+
+
+def warmup_cosine(opt, total_steps: int, warmup_frac: float, min_lr_frac: float):
+    """Linear warmup, then cosine decay to min_lr_frac of the peak learning rate."""
+    warmup = max(1, int(warmup_frac * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def save_records(records: list[HiddenStateRecord], folder: Path) -> None:

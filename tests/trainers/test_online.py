@@ -77,3 +77,19 @@ def test_disabled_trainer_never_trains():
         stream.append(r.to_bytes())
     trainer.ingest(block_ms=10)
     assert not trainer.should_train()
+
+
+def test_batches_mix_the_newest_records_with_replay():
+    target = tiny_target()
+    cfg = TideConfig()
+    cfg.draft.vocab_size = 96
+    cfg.online.recent_records = 4
+    trainer = OnlineTrainer(cfg, target, MemoryRecordStream(), MemoryWeightChannel())
+    records = _records(target, new_head(target, 96), 40)
+    trainer.buffer.extend(records)
+    newest = {r.request_id for r in records[-4:]}
+    for _ in range(20):
+        batch = trainer.sample_batch(6)
+        ids = [r.request_id for r in batch]
+        assert len(set(ids)) == 6
+        assert sum(i in newest for i in ids) >= 3  # half the batch is current traffic
