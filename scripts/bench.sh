@@ -8,8 +8,9 @@ RUN=${1:-runs/bench}; shift || true
 W=${WORKLOADS:-../shared/workloads}
 FILES="$W/mt_bench.jsonl $W/alpaca.jsonl $W/humaneval.jsonl $W/gsm8k.jsonl"
 TIDE=.venv/bin/tide
+REC=${RECORDS:-$RUN/records}  # target answers: kept, so a retrain with other settings skips generation
 if [ ! -f "$RUN/draft/model.safetensors" ]; then
-  $TIDE train-offline --half first --out "$RUN/draft" --prompts $FILES
+  $TIDE train-offline --half first --out "$RUN/draft" --records "$REC" --prompts $FILES
 fi
-$TIDE bench --half second --draft "$RUN/draft" --json "$RUN/bench.json" --peer pld \
+$TIDE bench --half second --draft "$RUN/draft" --json "$RUN/bench.json" --peer pld --spec-both-dtypes \
   --limit "${LIMIT:-10}" --prompts $FILES "$@"

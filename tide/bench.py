@@ -96,7 +96,9 @@ def _pld(target, ids: list[int], max_new: int) -> tuple[int, float]:
 
 
 def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: str | None,
-              peer: str | None = None) -> dict:
+              peer: str | None = None, spec_both: bool = False) -> dict:
+    """`spec_both` also speculates with the target in the other dtype (same head, same prompts,
+    interleaved): which dtype wins depends on the CPU (bf16 units or not)."""
     params = cfg.decode
     greedy = params.temperature == 0
     target = load_target(cfg.model, cfg.draft.feature_layers)
@@ -106,8 +108,12 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
         head, version = load_draft(draft_dir, target)
     else:
         head, version = new_head(target, cfg.draft.vocab_size, seed=cfg.draft.seed), 0
+    other_head = None
+    if spec_both:
+        other_head = load_draft(draft_dir, other)[0] if draft_dir else new_head(
+            other, cfg.draft.vocab_size, seed=cfg.draft.seed)
     base, alt, peer_t = _Tally(), _Tally(), _Tally()
-    spec = _Spec()
+    spec, alt_spec = _Spec(), _Spec()
     per_wl: dict[str, tuple[_Tally, _Spec]] = defaultdict(lambda: (_Tally(), _Spec()))
     items = [(name, p) for name, ps in workloads.items() for p in ps]
     for i, (name, prompt) in enumerate(items):
@@ -117,6 +123,9 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
             "spec": lambda: speculative_generate(target, head, ids, params, cfg.model.max_context),
             "alt": lambda: target_generate(other, ids, params, cfg.model.max_context),
         }
+        if other_head is not None:
+            runs["alt_spec"] = lambda: speculative_generate(other, other_head, ids, params,
+                                                            cfg.model.max_context)
         if peer == "pld":
             runs["peer"] = lambda: _pld(target, ids, params.max_new_tokens)
         order = list(runs)
@@ -130,6 +139,9 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
         spec.add(s, ss, exact)
         per_wl[name][0].add(len(b.tokens), bs)
         per_wl[name][1].add(s, ss, exact)
+        if "alt_spec" in res:
+            a, as_ = res["alt_spec"]
+            alt_spec.add(a, as_, a.tokens == res["alt"][0].tokens)
         if "peer" in res:
             peer_t.add(*res["peer"][0])  # (new tokens, seconds inside generate)
         log.info("[%d/%d] %s: accept len %.2f, %d tokens, spec %.2fs vs target %.2fs%s",
@@ -153,6 +165,18 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
         "per_workload": {n: s_.summary(b_) for n, (b_, s_) in per_wl.items()},
         "config": to_dict(cfg),
     })
+    if other_head is not None:
+        alt_out = alt_spec.summary(alt)  # against the target alone in that dtype
+        alt_out["speedup_vs_fastest"] = round(alt_spec.tally.tok_s / fastest, 3) if fastest else 0.0
+        alt_out["exact_match"] = (alt_spec.exact == alt_spec.n) if greedy else None
+        alt_out["dtype"] = other_dtype
+        ap = max(alt_spec.passes, 1)
+        alt_out["cost_ms"] = {
+            "draft_per_pass": round(1000 * alt_spec.draft_s / ap, 2),
+            "verify_per_pass": round(1000 * alt_spec.verify_s / ap, 2),
+            "target_per_token": round(1000 * alt.seconds / max(alt.tokens, 1), 2),
+        }
+        out["spec_other_dtype"] = alt_out
     if peer:
         out["peer"] = peer
         out["peer_tok_s"] = round(peer_t.tok_s, 2)

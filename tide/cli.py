@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--draft", help="draft checkpoint folder (default: draft.path; none = fresh head)")
     b.add_argument("--dtype", choices=["bfloat16", "float32", "float16"])
     b.add_argument("--peer", choices=["pld"], help="also run a reference method")
+    b.add_argument("--spec-both-dtypes", action="store_true",
+                   help="also speculate with the target in the other dtype (fp32 <-> bf16)")
     b.add_argument("--json", required=True, help="write the results here")
     _common(b)
     u = sub.add_parser("up", help="start Redis, Ray, serving actors, trainer, HTTP and W&B")
@@ -151,7 +153,8 @@ def cmd_bench(args) -> int:
             extra.append(f"{key}={getattr(args, flag)}")
     cfg = _cfg(args, extra)
     workloads = _load_workloads(args.prompts, args.half, args.limit)
-    result = run_bench(cfg, workloads, args.draft or cfg.draft.path, args.peer)
+    result = run_bench(cfg, workloads, args.draft or cfg.draft.path, args.peer,
+                       args.spec_both_dtypes)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     shown = {k: v for k, v in result.items() if k not in ("config", "per_workload")}

@@ -1,0 +1,29 @@
+"""`tide bench` on a tiny model: the JSON carries what issue 2 asks for, and greedy speculation
+in fp32 reproduces the target alone in both the benchmark dtype and (with spec_both) the other."""
+
+from __future__ import annotations
+
+from tide.bench import run_bench
+from tide.config import load_config
+from tide.prompts import Prompt
+
+
+def test_bench_reports_both_dtypes_and_exactness(tiny_model_dir):
+    cfg = load_config(overrides=[f"model.source={tiny_model_dir}", "model.dtype=float32",
+                                 "decode.k=3", "decode.max_new_tokens=12", "model.skinny_matmul=true"])
+    workloads = {"a": [Prompt("one two three", chat=False), Prompt("four five", chat=False)],
+                 "b": [Prompt("six seven eight nine", chat=False)]}
+    out = run_bench(cfg, workloads, None, spec_both=True)
+    for key in ("baseline_tok_s", "spec_tok_s", "speedup", "mean_accept_len", "accept_rate_per_pos",
+                "exact_match", "n_prompts", "k", "dtype", "draft_version", "speedup_vs_fastest",
+                "baseline_bfloat16_tok_s", "cost_ms"):
+        assert key in out, key
+    assert out["n_prompts"] == 3 and out["k"] == 3 and out["dtype"] == "float32"
+    assert len(out["accept_rate_per_pos"]) == 3
+    assert out["exact_match"] is True  # fp32 greedy: token-identical
+    assert 1.0 <= out["mean_accept_len"] <= 4.0
+    assert set(out["per_workload"]) == {"a", "b"}
+    other = out["spec_other_dtype"]
+    assert other["dtype"] == "bfloat16" and other["n_prompts"] == 3
+    assert set(other["cost_ms"]) == {"draft_per_pass", "verify_per_pass", "target_per_token"}
+    assert other["spec_tok_s"] > 0 and other["baseline_tok_s"] == out["baseline_bfloat16_tok_s"]
