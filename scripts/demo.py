@@ -127,8 +127,7 @@ def main() -> int:
     print("final bench on held-out code prompts (target alone vs final draft) ...", flush=True)
     bench_json = run_dir / "final_bench.json"
     tide("bench", "--prompts", args.code_prompts, "--half", "second", "--limit", str(args.bench_limit),
-         "--draft", str(run_dir / "final_draft"), "--json", str(bench_json),
-         f"decode.max_new_tokens={args.max_tokens}")
+         "--draft", str(run_dir / "final_draft"), "--json", str(bench_json), *overrides)
     b = json.loads(bench_json.read_text())
     summary["final_bench_code"] = {k: b[k] for k in ("speedup", "speedup_vs_fastest", "mean_accept_len",
                                                       "spec_tok_s", "baseline_tok_s", "exact_match")}
