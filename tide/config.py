@@ -59,7 +59,7 @@ class TrainConfig:
     ttt_steps: int = 3  # training-time-test unroll depth
     seq_len: int = 512  # records are cut into windows of this many positions
     batch_size: int = 4
-    epochs: int = 8
+    epochs: int = 6
     grad_clip: float = 1.0
     warmup_frac: float = 0.05  # offline warm start: linear warmup over this share of the steps,
     min_lr_frac: float = 0.1  # then cosine decay to this fraction of lr
@@ -67,7 +67,7 @@ class TrainConfig:
     # warm start: how the target writes the answers it is trained on
     gen_max_new_tokens: int = 192
     gen_batch_size: int = 48
-    gen_samples: int = 2  # answers per prompt: the first greedy, the rest a sampled prefix then greedy
+    gen_samples: int = 3  # answers per prompt: the first greedy, the rest a sampled prefix then greedy
     gen_temperature: float = 0.8
     gen_sampled_prefix: int = 24  # sampled tokens before greedy: uniform in [0, this]
     # dtype of the target while it writes data: on CPUs without bf16 units fp32 decodes batches
@@ -86,6 +86,8 @@ class OnlineConfig:
     # is learned within minutes, the other half replays the whole buffer against forgetting
     holdout_every: int = 4  # every n-th record is held out for the eval gate
     holdout_records: int = 24  # the most recent held-out records: the gate follows the traffic
+    drift_lookback: int = 4  # on drift the eval gate judges only on held-out records among the
+    # last this-many up to the one that fired (the short average's memory) and later: new traffic
     min_records: int = 8  # train only once this many records are buffered
     eval_every: int = 25  # train steps between eval-gate decisions
     gate_margin: float = 0.02  # candidate must beat the serving draft by this (sim. accept len)
@@ -187,6 +189,8 @@ def _validate(cfg: TideConfig) -> None:
         (cfg.serving.replicas >= 1, f"serving.replicas must be >= 1, not {cfg.serving.replicas}"),
         (cfg.serving.max_queue >= 1, f"serving.max_queue must be >= 1, not {cfg.serving.max_queue}"),
         (cfg.redis.stream_maxlen >= 1, "redis.stream_maxlen must be >= 1"),
+        (cfg.online.holdout_records >= 2, f"online.holdout_records must be >= 2, not {cfg.online.holdout_records}"),
+        (cfg.online.drift_lookback >= 0, f"online.drift_lookback must be >= 0, not {cfg.online.drift_lookback}"),
         (cfg.wandb.mode in (None, "online", "offline", "disabled"),
          f"wandb.mode must be online, offline or disabled, not {cfg.wandb.mode!r}"),
     ]

@@ -61,7 +61,9 @@ class OnlineTrainer:
         self.opt = make_optimizer(self.head, cfg.online.lr, cfg.train.weight_decay)
         oc = cfg.online
         self.buffer: deque[HiddenStateRecord] = deque(maxlen=oc.buffer_records)
-        self.holdout: deque[HiddenStateRecord] = deque(maxlen=oc.holdout_records)
+        # held-out records with their arrival index; the gate judges on those since `gate_from`
+        self.holdout: deque[tuple[int, HiddenStateRecord]] = deque(maxlen=oc.holdout_records)
+        self.gate_from = 0
         self.drift = DriftDetector(oc.ema_short, oc.ema_long, oc.drift_margin)
         self.rng = random.Random(cfg.train.seed)
         self.steps = 0
@@ -108,23 +110,32 @@ class OnlineTrainer:
             self.records_in += 1
             if rec.accept_len > 0:
                 self.drift.update(rec.accept_len)
+                self._check_drift()
             # random, not every n-th: cyclic traffic would always hold out the same prompts
-            held = len(self.holdout) < 2 or self.rng.random() < 1.0 / self.cfg.online.holdout_every
-            (self.holdout if held else self.buffer).append(rec)
+            held = len(self.gate_records()) < 2 or self.rng.random() < 1.0 / self.cfg.online.holdout_every
+            if held:
+                self.holdout.append((self.records_in, rec))
+            else:
+                self.buffer.append(rec)
         self.stream.ack([i for i, _ in items])
+        return len(items)
+
+    def _check_drift(self) -> None:
         if self.drift.drift and not self._was_drifting:
             self.drift_events += 1
             self.rejections_in_a_row = 0  # new traffic: training is worth trying again
+            # the gate judges candidates on the new traffic only (the records the short average
+            # reacted to and later ones), not on a holdout still full of the old domain
+            self.gate_from = max(0, self.records_in - self.cfg.online.drift_lookback)
             log.info("drift: short-term acceptance %.2f fell %.0f%%+ below long-term %.2f", self.drift.short,
                      100 * self.cfg.online.drift_margin, self.drift.long)
             self.on_metrics({"trainer/drift_event": self.drift_events})
         self._was_drifting = self.drift.drift
-        return len(items)
 
     # -- control ----------------------------------------------------------------------------
     def should_train(self) -> bool:
         oc = self.cfg.online
-        if not oc.enabled or len(self.buffer) < oc.min_records or len(self.holdout) < 2:
+        if not oc.enabled or len(self.buffer) < oc.min_records or len(self.gate_records()) < 2:
             return False
         if self.drift.drift:
             return True
@@ -158,8 +169,12 @@ class OnlineTrainer:
             self.gate()
         return m
 
+    def gate_records(self) -> list[HiddenStateRecord]:
+        """The held-out records the eval gate uses: the newest ones, since the last drift."""
+        return [r for i, r in self.holdout if i > self.gate_from]
+
     def gate(self) -> bool:
-        tc, holdout = self.cfg.train, list(self.holdout)
+        tc, holdout = self.cfg.train, self.gate_records()
         cand = evaluate(self.head, self.target.embed, self.rows, holdout, tc.ttt_steps, tc.seq_len)
         serv = evaluate(self.serving_head, self.target.embed, self.rows, holdout, tc.ttt_steps, tc.seq_len)
         win = cand["sim_accept_len"] > serv["sim_accept_len"] + self.cfg.online.gate_margin
@@ -199,7 +214,7 @@ class OnlineTrainer:
     def stats(self) -> dict:
         return {
             "trainer_step": self.steps, "version": self.version, "records_in": self.records_in,
-            "records_bad": self.records_bad, "buffer": len(self.buffer), "holdout": len(self.holdout),
+            "records_bad": self.records_bad, "buffer": len(self.buffer), "holdout": len(self.gate_records()),
             "training": self.should_train(), "drift": self.drift.drift, "drift_events": self.drift_events,
             "ema_short": self.drift.short, "ema_long": self.drift.long, "last_gate": self.last_gate,
             "last_loss": self.last_train["loss"] if self.last_train else None,

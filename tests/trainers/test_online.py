@@ -1,5 +1,7 @@
 """The online trainer's control logic with in-memory transports and a tiny target."""
 
+from dataclasses import replace
+
 import torch
 
 from tests.conftest import tiny_target
@@ -93,3 +95,27 @@ def test_batches_mix_the_newest_records_with_replay():
         ids = [r.request_id for r in batch]
         assert len(set(ids)) == 6
         assert sum(i in newest for i in ids) >= 3  # half the batch is current traffic
+
+
+def test_after_drift_the_gate_judges_on_the_new_traffic_only():
+    target = tiny_target()
+    cfg = TideConfig()
+    cfg.draft.vocab_size = 96
+    cfg.online.holdout_every, cfg.online.drift_lookback = 2, 1  # drift fires on the first new record
+    stream = MemoryRecordStream()
+    trainer = OnlineTrainer(cfg, target, stream, MemoryWeightChannel())
+    for r in _records(target, new_head(target, 96), 24, seed=0):
+        stream.append(replace(r, accept_len=3.0).to_bytes())
+    while trainer.ingest(block_ms=10):
+        pass
+    old_ids = {r.request_id for r in trainer.gate_records()}
+    assert len(old_ids) >= 2 and trainer.drift_events == 0
+    for i, r in enumerate(_records(target, new_head(target, 96), 8, seed=1)):
+        stream.append(replace(r, request_id=f"new-{i}", accept_len=1.0).to_bytes())
+    while trainer.ingest(block_ms=10):
+        pass
+    assert trainer.drift_events == 1
+    gate_ids = {r.request_id for r in trainer.gate_records()}
+    assert len(gate_ids) >= 2 and all(i.startswith("new-") for i in gate_ids)
+    assert any(i in old_ids for _, r in trainer.holdout for i in [r.request_id])  # kept, not judged on
+    assert trainer.should_train()
