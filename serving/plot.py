@@ -45,6 +45,12 @@ def plot_history(rows: list[dict], out: Path, title: str = "tide: acceptance len
                     va="top", ha="left")
             swaps += 1
         prev = v
+    # drift as the trainer reported it each tick: where the flag turns on
+    drifts = [r["elapsed_s"] for p, r in zip([{}, *rows], rows) if r.get("drift") and not p.get("drift")]
+    for x in drifts:
+        ax.axvline(x / 60, color="tab:orange", ls=":", lw=1.5)
+    if drifts:
+        ax.plot([], [], ":", color="tab:orange", lw=1.5, label="drift detected")
     for at, label in marks:
         ax.axvline(at / 60, color="tab:red", ls="--", lw=1.5)
         ax.text(at / 60, min(a), " " + label, color="tab:red", fontsize=8)
@@ -56,4 +62,5 @@ def plot_history(rows: list[dict], out: Path, title: str = "tide: acceptance len
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
-    return {"points": len(pts), "swaps": swaps, "first": smooth[0], "last": smooth[-1], "png": str(out)}
+    return {"points": len(pts), "swaps": swaps, "drifts": len(drifts), "first": smooth[0], "last": smooth[-1],
+            "png": str(out)}
