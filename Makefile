@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/latest
 
-.PHONY: setup test test-fast lint bench up down status plot demo clean
+.PHONY: setup test test-fast lint bench up down status plot demo demo-drift clean
 
 setup: $(BIN)/tide
 	$(BIN)/python -c "from tide.config import ModelConfig; from tide.models import load_target; load_target(ModelConfig())"
@@ -48,6 +48,10 @@ plot:
 demo:
 	$(BIN)/python scripts/demo.py --run-dir runs/demo-online
 	$(BIN)/python scripts/demo.py --run-dir runs/demo-static --static
+
+# Domain shift: a chat-warm-started draft serves chat, then code; online vs static (~35 minutes).
+demo-drift:
+	scripts/demo_drift.sh runs/drift $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
