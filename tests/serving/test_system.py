@@ -136,4 +136,5 @@ def test_trainer_crash_keeps_last_good_draft_and_resumes(system, ray_local, redi
             time.sleep(1.0)
     else:
         pytest.fail("trainer did not come back")
-    assert state["version"] == published
+    # it resumed from the newest published draft, not from scratch (it may have published since)
+    assert published <= state["version"] <= channel.latest_version(), (published, state)
