@@ -44,7 +44,7 @@ status:
 plot:
 	$(BIN)/tide plot --run-dir $(RUN)
 
-# Cold draft, chat then code traffic, online training vs a static draft (about 30 minutes).
+# Cold draft, chat then code traffic, online training vs a static draft (about 25 minutes).
 demo:
 	$(BIN)/python scripts/demo.py --run-dir runs/demo-online
 	$(BIN)/python scripts/demo.py --run-dir runs/demo-static --static
