@@ -9,7 +9,7 @@ RUN=${1:-runs/drift}; shift || true
 W=${WORKLOADS:-../shared/workloads}
 PY=.venv/bin/python
 if [ ! -f "$RUN/chat-draft/model.safetensors" ]; then
-  .venv/bin/tide train-offline --half first --out "$RUN/chat-draft" --records "$RUN/chat-records" \
+  .venv/bin/tide train-offline train.gen_samples=3 --half first --out "$RUN/chat-draft" --records "$RUN/chat-records" \
     --prompts "$W/mt_bench.jsonl" "$W/alpaca.jsonl"
 fi
 # phase-1 traffic: the warm start's own chat prompts, the two files interleaved

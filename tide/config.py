@@ -67,7 +67,7 @@ class TrainConfig:
     # warm start: how the target writes the answers it is trained on
     gen_max_new_tokens: int = 192
     gen_batch_size: int = 48
-    gen_samples: int = 3  # answers per prompt: the first greedy, the rest a sampled prefix then greedy
+    gen_samples: int = 5  # answers per prompt: the first greedy, the rest a sampled prefix then greedy
     gen_temperature: float = 0.8
     gen_sampled_prefix: int = 24  # sampled tokens before greedy: uniform in [0, this]
     # dtype of the target while it writes data: on CPUs without bf16 units fp32 decodes batches
