@@ -40,7 +40,7 @@ def new_head(target: Target, vocab_size: int, token_counts: torch.Tensor | None 
 def save_draft(head: DraftHead, folder: str | Path, version: int, target: Target) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     save_file(state, folder / "model.safetensors")
     meta = {"version": version, "target_model_id": target.model_id,
             "feature_layers": list(target.feature_layers)}

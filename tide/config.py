@@ -73,6 +73,9 @@ class TrainConfig:
     # dtype of the target while it writes data: on CPUs without bf16 units fp32 decodes batches
     # ~5x faster; features are stored as bf16 either way, like serving captures them
     gen_dtype: str = "float32"
+    # where the warm start runs (the target writing answers, then the head training): cpu, or
+    # cuda / cuda:N on a GPU machine (with train.gen_batch_size ~1024); the head serves on any
+    device: str = "cpu"
 
 
 @dataclass
@@ -178,6 +181,8 @@ def _validate(cfg: TideConfig) -> None:
          f"model.dtype must be bfloat16, float32 or float16, not {cfg.model.dtype!r}"),
         (cfg.train.gen_dtype in ("bfloat16", "float32", "float16"),
          f"train.gen_dtype must be bfloat16, float32 or float16, not {cfg.train.gen_dtype!r}"),
+        (cfg.train.device == "cpu" or cfg.train.device.split(":")[0] == "cuda",
+         f"train.device must be cpu, cuda or cuda:N, not {cfg.train.device!r}"),
         (d.k >= 1, f"decode.k must be >= 1, not {d.k}"),
         (d.max_new_tokens >= 1, f"decode.max_new_tokens must be >= 1, not {d.max_new_tokens}"),
         (d.temperature >= 0, f"decode.temperature must be >= 0, not {d.temperature}"),

@@ -30,9 +30,14 @@ RECORD_DTYPE = torch.bfloat16  # what serving captures; half the bytes of fp32
 def generate_records(target: Target, prompts: list[Prompt], max_new_tokens: int, batch_size: int,
                      temperature: float = 0.0, sampled_prefix: int | None = None, seed: int = 0,
                      tag: str = "warm") -> list[HiddenStateRecord]:
-    """One record per prompt. temperature 0: greedy. Otherwise each answer samples its first m
-    tokens at `temperature`, m uniform in [0, sampled_prefix] (None: every token), then greedy."""
+    """One record per prompt (a prompt listed n times gets n answers). temperature 0: greedy.
+    Otherwise each answer samples its first m tokens at `temperature`, m uniform in
+    [0, sampled_prefix] (None: every token), then greedy. Runs on the target's device; the
+    records are on the CPU."""
     gen = torch.Generator().manual_seed(seed)
+    device = target.model.device
+    # sampling happens on the target's device and needs a generator there
+    sample_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
     encoded = [encode(target.tokenizer, p) for p in prompts]
     # similar lengths share a batch: less padding; records keep their prompt's index
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -45,7 +50,8 @@ def generate_records(target: Target, prompts: list[Prompt], max_new_tokens: int,
             prefix = torch.full((len(batch),), max_new_tokens if temperature > 0 else 0)
         else:
             prefix = torch.randint(0, sampled_prefix + 1, (len(batch),), generator=gen)
-        for i, rec in zip(idx, _decode_batch(target, batch, max_new_tokens, temperature, prefix, gen)):
+        answers = _decode_batch(target, batch, max_new_tokens, temperature, prefix, sample_gen)
+        for i, rec in zip(idx, answers):
             records[i] = HiddenStateRecord(
                 request_id=f"{tag}-{seed}-{i}", target_model_id=target.model_id, draft_version=0,
                 input_ids=torch.tensor(rec[0]), features=rec[1], final_hidden=rec[2],
@@ -59,67 +65,77 @@ def generate_records(target: Target, prompts: list[Prompt], max_new_tokens: int,
 def _decode_batch(target: Target, batch: list[list[int]], max_new: int, temperature: float,
                   prefix: torch.Tensor, gen: torch.Generator):
     """Left-padded batched decoding; a finished answer leaves the batch (and its KV cache) at
-    once, so no step is spent on it. Returns, per prompt, (ids, features (n, 3H),
-    final_hidden (n, H)) with n = len(ids) - 1 (the last token is never fed)."""
+    once, so no step is spent on it. Each step's outputs land in preallocated tensors on the
+    target's device (no per-row work, one host transfer per step for the stop test). Returns,
+    per prompt, (ids, features (n, 3H), final_hidden (n, H)) on the CPU, n = len(ids) - 1 (the
+    last token is never fed)."""
+    dev = target.model.device
     B, L = len(batch), max(len(e) for e in batch)
-    cache, first = _prefill_left_padded(target, batch, L)
-    attn = torch.zeros(B, L, dtype=torch.long)
+    cache, (prompt_feats, prompt_finals, logits) = _prefill_left_padded(target, batch, L)
+    attn = torch.zeros(B, L, dtype=torch.long, device=dev)
     for b, e in enumerate(batch):
         attn[b, L - len(e) :] = 1
     pos = attn.sum(-1, keepdim=True) - 1  # (B, 1): the last prompt position
-    eos = torch.tensor(sorted(target.eos_ids))
-    alive = torch.arange(B)  # rows still decoding, as indices into `batch`
-    feats = [[] for _ in range(B)]
-    finals = [[] for _ in range(B)]
-    answers = [[] for _ in range(B)]
-    f, h, logits = first
+    eos = torch.tensor(sorted(target.eos_ids), device=dev)
+    prefix = prefix.to(dev)
+    alive = torch.arange(B, device=dev)  # rows still decoding, as indices into `batch`
+    answers = torch.zeros(B, max_new, dtype=torch.long, device=dev)
+    n_answer = torch.zeros(B, dtype=torch.long, device=dev)
+    # features / final hidden of answer token s (fed at step s + 1)
+    feats = torch.zeros(B, max_new, prompt_feats[0].shape[-1], dtype=RECORD_DTYPE, device=dev)
+    finals = torch.zeros(B, max_new, prompt_finals[0].shape[-1], dtype=RECORD_DTYPE, device=dev)
     for step in range(max_new):
         nxt = logits.argmax(-1)
-        rows = (step < prefix[alive]).nonzero()[:, 0] if temperature > 0 else ()
-        if len(rows):  # only answers still in their sampled prefix pay for sampling
-            p = torch.softmax(logits[rows] / temperature, -1)
-            nxt[rows] = torch.multinomial(p, 1, generator=gen)[:, 0]
-        for j, b in enumerate(alive.tolist()):
-            feats[b].append(f[j])
-            finals[b].append(h[j])
-            answers[b].append(int(nxt[j]))
+        if temperature > 0:  # only answers still in their sampled prefix pay for sampling
+            rows = (step < prefix[alive]).nonzero()[:, 0]
+            if len(rows):
+                p = torch.softmax(logits[rows] / temperature, -1)
+                nxt[rows] = torch.multinomial(p, 1, generator=gen)[:, 0]
+        answers[alive, step] = nxt
+        n_answer[alive] += 1
         keep = ~torch.isin(nxt, eos)
         if step == max_new - 1 or not bool(keep.any()):
             break
         if not bool(keep.all()):
             cache.batch_select_indices(keep.nonzero()[:, 0])
             alive, nxt, attn, pos = alive[keep], nxt[keep], attn[keep], pos[keep]
-        attn = torch.cat((attn, torch.ones(len(alive), 1, dtype=torch.long)), dim=1)
+        attn = torch.cat((attn, torch.ones(len(alive), 1, dtype=torch.long, device=dev)), dim=1)
         pos = pos + 1
         out = target.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
                            use_cache=True, output_hidden_states=True, logits_to_keep=1)
         hs = out.hidden_states
-        f = torch.cat([hs[i] for i in target.feature_layers], dim=-1).to(RECORD_DTYPE)  # (b, 1, 3H)
-        h = hs[-1].to(RECORD_DTYPE)  # (b, 1, H)
+        feats[alive, step] = torch.cat([hs[i][:, 0] for i in target.feature_layers], dim=-1).to(RECORD_DTYPE)
+        finals[alive, step] = hs[-1][:, 0].to(RECORD_DTYPE)
         logits = out.logits[:, -1].float()  # (b, V)
+    answers, n_answer, feats, finals = answers.cpu(), n_answer.tolist(), feats.cpu(), finals.cpu()
     out = []
     for b, e in enumerate(batch):
-        # the final answer token was never fed: features cover every position but the last
-        out.append((e + answers[b], torch.cat(feats[b]), torch.cat(finals[b])))
+        n = n_answer[b]  # the final answer token was never fed: no features for it
+        out.append((e + answers[b, :n].tolist(), torch.cat((prompt_feats[b].cpu(), feats[b, : n - 1])),
+                    torch.cat((prompt_finals[b].cpu(), finals[b, : n - 1]))))
     return out
 
 
 def _prefill_left_padded(target: Target, batch: list[list[int]], L: int):
-    """Prefill each prompt alone (padding a batch to its longest prompt tripled the work on
-    mt_bench) and stack the KV caches left-padded to L. Returns the cache and, per prompt, the
-    prompt's features, final hidden states and last logits."""
-    feats, finals, logits, kv = [], [], [], []
+    """Prefill each distinct prompt alone (padding a batch to its longest prompt tripled the work
+    on mt_bench; a prompt answered n times is prefilled once) and stack the KV caches
+    left-padded to L. Returns the cache and, per prompt, the prompt's features, final hidden
+    states and last logits."""
+    dev = target.model.device
+    done: dict[tuple[int, ...], tuple] = {}
     for e in batch:
+        if tuple(e) in done:
+            continue
         c = DynamicCache(config=target.config)
-        out = target.model(input_ids=torch.tensor([e]), past_key_values=c, use_cache=True,
+        out = target.model(input_ids=torch.tensor([e], device=dev), past_key_values=c, use_cache=True,
                            output_hidden_states=True, logits_to_keep=1)
         hs = out.hidden_states
-        feats.append(torch.cat([hs[i][0] for i in target.feature_layers], dim=-1).to(RECORD_DTYPE))
-        finals.append(hs[-1][0].to(RECORD_DTYPE))
-        logits.append(out.logits[0, -1].float())
-        kv.append([(layer.keys, layer.values) for layer in c.layers])
+        done[tuple(e)] = (torch.cat([hs[i][0] for i in target.feature_layers], dim=-1).to(RECORD_DTYPE),
+                          hs[-1][0].to(RECORD_DTYPE), out.logits[0, -1].float(),
+                          [(layer.keys, layer.values) for layer in c.layers])
+    rows = [done[tuple(e)] for e in batch]
     cache = DynamicCache(config=target.config)
-    for i in range(len(kv[0])):
+    for i in range(len(rows[0][3])):
         pad = lambda t: torch.nn.functional.pad(t, (0, 0, L - t.shape[2], 0))  # (1, h, S, d) -> (1, h, L, d)
-        cache.update(torch.cat([pad(x[i][0]) for x in kv]), torch.cat([pad(x[i][1]) for x in kv]), i)
-    return cache, (feats, finals, torch.stack(logits))
+        cache.update(torch.cat([pad(r[3][i][0]) for r in rows]), torch.cat([pad(r[3][i][1]) for r in rows]), i)
+    return cache, ([r[0] for r in rows], [r[1] for r in rows], torch.stack([r[2] for r in rows]))

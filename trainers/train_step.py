@@ -28,6 +28,10 @@ class Batch:
     final_hidden: torch.Tensor  # (B, T, H)
     loss_mask: torch.Tensor  # (B, T) True where p_t is the distribution of a generated token
 
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in
+                       (self.input_ids, self.features, self.final_hidden, self.loss_mask)))
+
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask.sum())
@@ -90,9 +94,9 @@ def ttt_forward(head: DraftHead, embed, target_lm_rows: torch.Tensor, batch: Bat
         pad_mask = F.pad(batch.loss_mask, (0, steps + 1))
         rows = target_lm_rows.to(dtype)
     hidden = head.fuse(batch.features.to(dtype))
-    positions = torch.arange(T)
+    positions = torch.arange(T, device=hidden.device)
     base, diag = None, []
-    loss = torch.zeros((), dtype=torch.float32)
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     accs = []
     for j in range(steps):
         emb = embed(ids[:, j + 1 : j + 1 + T]).to(dtype)  # (B, T, H)
@@ -143,7 +147,7 @@ def evaluate(head: DraftHead, embed, target_lm_rows, records, steps: int, seq_le
     head.eval()
     tot_loss, tot_acc, tot = 0.0, [0.0] * steps, 0
     for batch in make_batches(records, seq_len, batch_size):
-        loss, accs = ttt_forward(head, embed, target_lm_rows, batch, steps)
+        loss, accs = ttt_forward(head, embed, target_lm_rows, batch.to(target_lm_rows.device), steps)
         n = batch.num_tokens
         tot_loss += float(loss) * n
         tot_acc = [t + a * n for t, a in zip(tot_acc, accs)]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tide.checkpoint import new_head, save_draft
-from tide.config import TideConfig, to_dict
+from tide.config import ConfigError, TideConfig, to_dict
 from tide.models import Target, load_target
 from tide.prompts import Prompt
 from tide.records import HiddenStateRecord
@@ -31,15 +31,20 @@ def token_counts(records: list[HiddenStateRecord], vocab_size: int) -> torch.Ten
     return torch.bincount(torch.cat(gen), minlength=vocab_size)[:vocab_size]
 
 
-def train_head(head, target: Target, train: list, holdout: list, cfg: TideConfig, on_metrics=None):
-    """Epochs of the shared train_step over records; returns the held-out metrics per epoch."""
+def train_head(head, target: Target, train: list, holdout: list, cfg: TideConfig, on_metrics=None,
+               on_epoch=None):
+    """Epochs of the shared train_step over records; returns the held-out metrics per epoch.
+    on_epoch(head, history) runs after each epoch (the warm start saves a checkpoint there)."""
     tc = cfg.train
-    head.float()
+    device = target.model.device  # where the target is, the head trains (train.device)
+    head.float().to(device)
     rows = target.lm_head_weight[head.target_ids].float()
     embed = target.embed
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the head's products; the target is done
     opt = make_optimizer(head, tc.lr, tc.weight_decay)
     rng = random.Random(tc.seed)
-    history = [{"epoch": 0, **evaluate(head, embed, rows, holdout, tc.ttt_steps, tc.seq_len)}]
+    history = [{"epoch": 0, **evaluate(head, embed, rows, holdout, tc.ttt_steps, tc.seq_len, tc.batch_size)}]
     log.info("before training: held-out simulated acceptance length %.2f",
              history[0]["sim_accept_len"])
     n_batches = sum(1 for _ in make_batches(train, tc.seq_len, tc.batch_size))
@@ -47,19 +52,30 @@ def train_head(head, target: Target, train: list, holdout: list, cfg: TideConfig
     for epoch in range(1, tc.epochs + 1):
         t0 = time.perf_counter()
         for i, batch in enumerate(make_batches(train, tc.seq_len, tc.batch_size, rng), 1):
-            m = train_step(head, embed, rows, batch, opt, tc.ttt_steps, tc.grad_clip)
+            m = train_step(head, embed, rows, batch.to(device), opt, tc.ttt_steps, tc.grad_clip)
             sched.step()
             if on_metrics:
                 on_metrics(m)
             if i % 10 == 0 or i == n_batches:
                 log.info("epoch %d batch %d/%d loss %.3f acc %s sim-accept %.2f", epoch, i,
                          n_batches, m["loss"], [round(a, 2) for a in m["acc"]], m["sim_accept_len"])
-        ev = evaluate(head, embed, rows, holdout, tc.ttt_steps, tc.seq_len)
+        ev = evaluate(head, embed, rows, holdout, tc.ttt_steps, tc.seq_len, tc.batch_size)
         history.append({"epoch": epoch, **ev})
         log.info("epoch %d done in %.0f s: held-out loss %.3f acc %s simulated acceptance length %.2f",
                  epoch, time.perf_counter() - t0, ev["loss"], [round(a, 3) for a in ev["acc"]],
                  ev["sim_accept_len"])
+        if on_epoch:
+            on_epoch(head, history)
     return history
+
+
+def train_device(name: str) -> torch.device:
+    """The device of train.device, checked: a missing GPU is a clear error, not a crash later."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but torch sees no CUDA device "
+                          f"(torch {torch.__version__}); use train.device=cpu")
+    return device
 
 
 def warmup_cosine(opt, total_steps: int, warmup_frac: float, min_lr_frac: float):
@@ -90,19 +106,25 @@ def warm_start(cfg: TideConfig, prompts: list[Prompt], out_dir: str | Path,
     """Train a head; records are read from `records_dir` when it holds some, else generated
     (and saved there when given, so a later run with other training settings can reuse them)."""
     tc = cfg.train
+    device = train_device(tc.device)
     target = load_target(replace(cfg.model, dtype=tc.gen_dtype), cfg.draft.feature_layers)
+    target.model.to(device)
     t0 = time.perf_counter()
     if records_dir and any(Path(records_dir).glob("*.rec")):
         records = load_records(records_dir)
         log.info("loaded %d records from %s", len(records), records_dir)
     else:
-        records = []
-        for i in range(tc.gen_samples):  # the first answer greedy, the others from a sampled prefix
-            log.info("answers round %d/%d", i + 1, tc.gen_samples)
-            records += generate_records(target, prompts, tc.gen_max_new_tokens, tc.gen_batch_size,
-                                        tc.gen_temperature if i else 0.0, tc.gen_sampled_prefix, seed=i)
-            if records_dir:
-                save_records(records, Path(records_dir))
+        # the first answer to each prompt greedy; the others (all in one go: batches hold
+        # answers to the same prompt, prefilled once) from a sampled prefix, then greedy
+        log.info("%d greedy answers", len(prompts))
+        records = generate_records(target, prompts, tc.gen_max_new_tokens, tc.gen_batch_size, seed=0)
+        if tc.gen_samples > 1:
+            log.info("%d answers with a sampled prefix", len(prompts) * (tc.gen_samples - 1))
+            records += generate_records(target, prompts * (tc.gen_samples - 1), tc.gen_max_new_tokens,
+                                        tc.gen_batch_size, tc.gen_temperature, tc.gen_sampled_prefix,
+                                        seed=1, tag="warm-sampled")
+        if records_dir:
+            save_records(records, Path(records_dir))
     gen_s = time.perf_counter() - t0
     counts = token_counts(records, target.config.vocab_size)
     head = new_head(target, cfg.draft.vocab_size, counts, seed=cfg.draft.seed)
@@ -111,16 +133,22 @@ def warm_start(cfg: TideConfig, prompts: list[Prompt], out_dir: str | Path,
     held = lambda i: (i % n_prompts) % 10 == 0
     holdout, train = [r for i, r in enumerate(records) if held(i)], [r for i, r in enumerate(records) if not held(i)]
     t0 = time.perf_counter()
-    history = train_head(head, target, train, holdout, cfg)
-    summary = {
-        "prompts": len(prompts), "records": len(records),
-        "generated_tokens": int(sum(r.num_positions + 1 - r.prompt_len for r in records)),
-        "generate_s": round(gen_s, 1), "train_s": round(time.perf_counter() - t0, 1),
-        "history": history, "config": to_dict(cfg),
-        "vocab_coverage": float(counts[head.target_ids].sum() / counts.sum().clamp_min(1)),
-    }
-    out = save_draft(head, out_dir, version=1, target=target)
-    (out / "train_metrics.json").write_text(json.dumps(summary, indent=2))
+    coverage = float(counts[head.target_ids].sum() / counts.sum().clamp_min(1))
+
+    def save(head, history) -> dict:  # after every epoch: a long run leaves a usable head early
+        summary = {
+            "prompts": len(prompts), "records": len(records),
+            "generated_tokens": int(sum(r.num_positions + 1 - r.prompt_len for r in records)),
+            "generate_s": round(gen_s, 1), "train_s": round(time.perf_counter() - t0, 1),
+            "device": str(device), "history": history, "config": to_dict(cfg), "vocab_coverage": coverage,
+        }
+        out = save_draft(head, out_dir, version=1, target=target)
+        (out / "train_metrics.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    history = train_head(head, target, train, holdout, cfg, on_epoch=save)
+    summary = save(head, history)  # (again: with no epochs, the untrained head)
+    out = Path(out_dir)
     log.info("saved draft head to %s (held-out simulated acceptance length %.2f -> %.2f)", out,
              history[0]["sim_accept_len"], history[-1]["sim_accept_len"])
     return summary

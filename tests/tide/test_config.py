@@ -17,6 +17,7 @@ def test_defaults_and_overrides():
     (["model.dtype=int8"], "model.dtype"),
     (["decode.temperature=-1"], "temperature"),
     (["decode.k"], "key=value"),
+    (["train.device=gpu"], "train.device must be cpu, cuda or cuda:N"),
 ])
 def test_bad_overrides_fail_clearly(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -30,3 +31,14 @@ def test_bad_files(tmp_path):
     bad.write_text("decode:\n  nonsense: 1\n")
     with pytest.raises(ConfigError, match="nonsense"):
         load_config(bad)
+
+
+def test_a_missing_gpu_is_a_clear_error():
+    import torch
+
+    from trainers.warm_start import train_device
+
+    assert train_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no CUDA device"):
+            train_device("cuda")

@@ -49,3 +49,15 @@ def test_sampled_prefix_then_greedy(target):
             differs += 1
             assert int(off[-1]) < prefix  # only the sampled prefix may leave the greedy path
     assert differs > 0  # some answers did take a sampled token (a random tiny model is not peaked)
+
+
+def test_repeated_prompts_each_get_an_answer(target):
+    """A prompt listed n times is prefilled once and answered n times (greedy: identically,
+    alongside other prompts in the same left-padded batch)."""
+    records = generate_records(target, PROMPTS * 2, 16, batch_size=8)
+    assert len(records) == 2 * len(PROMPTS)
+    for a, b in zip(records[: len(PROMPTS)], records[len(PROMPTS) :]):
+        assert a.request_id != b.request_id
+        assert a.input_ids.tolist() == b.input_ids.tolist()
+        torch.testing.assert_close(a.features, b.features)
+        torch.testing.assert_close(a.final_hidden, b.final_hidden)
