@@ -79,9 +79,24 @@ def test_traffic_trains_publishes_swaps_and_acceptance_rises(system, ray_local, 
         assert r["tokens"] == target_generate(target, p, cfg.decode).tokens
 
 
-def test_concurrent_requests_during_swaps_are_lossless(system, ray_local, redis_server):
-    cfg, replicas, _, target = system
-    channel = RedisWeightChannel(connect(redis_server.url), "sys")
+@pytest.fixture
+def swap_replicas(ray_local, redis_server, tiny_model_dir):
+    """Two replicas on their own key prefix: the only drafts they see are the test's (the
+    system's trainer publishes on "sys" and would interleave its own versions)."""
+    from serving.actor import ServingActor
+
+    cfg = _cfg(tiny_model_dir, "swap")
+    replicas = [ServingActor.options(num_cpus=0).remote(to_dict(cfg), redis_server.url, f"s{i}") for i in range(2)]
+    ray_local.get([r.ready.remote() for r in replicas])
+    yield cfg, replicas
+    for a in replicas:
+        ray_local.kill(a)
+
+
+def test_concurrent_requests_during_swaps_are_lossless(system, swap_replicas, ray_local, redis_server):
+    target = system[3]
+    cfg, replicas = swap_replicas
+    channel = RedisWeightChannel(connect(redis_server.url), "swap")
     expected = {tuple(p): target_generate(target, p, cfg.decode).tokens for p in PROMPTS}
     results, errors, stop = [], [], threading.Event()
 
