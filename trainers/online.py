@@ -191,7 +191,9 @@ class OnlineTrainer:
         return True
 
     def publish(self) -> None:
-        version = self.version + 1
+        # above anything on the channel (an operator may have published; the pointer only
+        # moves forward), so the new draft is always the one replicas swap to
+        version = max(self.version, self.weights.latest_version()) + 1
         meta = {"version": version, "published_at": time.time(), "train_steps": self.steps,
                 "gate": self.last_gate, "target_model_id": self.target.model_id}
         self.weights.publish(version, state_to_bytes(self.head), meta)

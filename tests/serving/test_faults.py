@@ -12,6 +12,7 @@ from tide.checkpoint import new_head, state_to_bytes
 from tide.config import TideConfig
 from tide.records import HiddenStateRecord
 from tide.speculative import target_generate
+from tide.transport.memory import MemoryWeightChannel
 from tide.transport.redis_server import free_port, start_redis
 from tide.transport.redis_transport import RedisRecordStream, RedisWeightChannel, connect
 
@@ -100,6 +101,15 @@ def test_corrupt_and_mismatched_updates_are_rejected(redis_server):
     assert engine.stats()["last_swap_latency_s"] is not None
     assert engine.generate([4, 5, 6], engine.cfg.decode)["tokens"] == expected  # still lossless
     engine.stop()
+
+
+def test_the_version_pointer_never_moves_back(redis_server):
+    for channel in (RedisWeightChannel(connect(redis_server.url), "fwd"), MemoryWeightChannel()):
+        channel.publish(5, b"five", {"v": 5})
+        channel.publish(3, b"three", {"v": 3})  # a late or second publisher
+        assert channel.latest_version() == 5 and channel.fetch(5) == (b"five", {"v": 5})
+        channel.publish(6, b"six", {})
+        assert channel.latest_version() == 6
 
 
 def test_stream_at_cap_stays_bounded(redis_server):

@@ -119,3 +119,16 @@ def test_after_drift_the_gate_judges_on_the_new_traffic_only():
     assert len(gate_ids) >= 2 and all(i.startswith("new-") for i in gate_ids)
     assert any(i in old_ids for _, r in trainer.holdout for i in [r.request_id])  # kept, not judged on
     assert trainer.should_train()
+
+
+def test_publishes_above_a_version_someone_else_published():
+    target = tiny_target()
+    cfg = TideConfig()
+    cfg.draft.vocab_size = 96
+    weights = MemoryWeightChannel()
+    trainer = OnlineTrainer(cfg, target, MemoryRecordStream(), weights)
+    assert trainer.version == 0
+    weights.publish(50, b"an operator's draft", {})
+    trainer.publish()
+    assert trainer.version == weights.latest_version() == 51
+    assert state_from_bytes(weights.fetch(51)[0]).keys() == trainer.head.state_dict().keys()

@@ -43,7 +43,8 @@ class MemoryWeightChannel:
         self._versions: dict[int, tuple[bytes, dict]] = {}
 
     def publish(self, version: int, data: bytes, meta: dict) -> None:
-        self._versions = {version: (data, dict(meta))}  # keep only the newest, like Redis
+        if version > self.latest_version():  # keep only the newest; the pointer never moves back
+            self._versions = {version: (data, dict(meta))}
 
     def latest_version(self) -> int:
         return max(self._versions, default=0)

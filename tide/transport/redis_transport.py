@@ -2,7 +2,7 @@
 
 Keys (prefix from config, default "tide"):
   {p}:records          Stream; XADD MAXLEN ~ cap keeps memory bounded; field "r" holds bytes
-  {p}:weights:version  the newest published draft version (int)
+  {p}:weights:version  the newest published draft version (int; only ever moves forward)
   {p}:weights:{v}      safetensors bytes of version v (older versions expire)
   {p}:weights:{v}:meta JSON metadata of version v
 Payloads are bytes only; nothing is pickled.
@@ -17,6 +17,12 @@ import redis
 from tide.transport.base import TransportError
 
 GROUP = "trainers"
+# The version pointer only moves forward: a late or second publisher cannot roll serving back.
+_POINTER_FORWARD = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) return 1 end
+return 0
+"""
 
 
 def connect(url: str, timeout_s: float = 2.0) -> redis.Redis:
@@ -93,7 +99,8 @@ class RedisWeightChannel:
             pipe = self.r.pipeline(transaction=True)
             pipe.set(f"{self.prefix}:{version}", data, ex=self.keep_s)
             pipe.set(f"{self.prefix}:{version}:meta", json.dumps(meta), ex=self.keep_s)
-            pipe.set(f"{self.prefix}:version", version)  # last: readers never see a partial version
+            # last, and only forward: readers never see a partial or an older version
+            pipe.eval(_POINTER_FORWARD, 1, f"{self.prefix}:version", version)
             pipe.execute()
         except redis.RedisError as e:
             raise TransportError(f"publish failed: {e}") from e
