@@ -135,7 +135,9 @@ def warm_start(cfg: TideConfig, prompts: list[Prompt], out_dir: str | Path,
     t0 = time.perf_counter()
     coverage = float(counts[head.target_ids].sum() / counts.sum().clamp_min(1))
 
-    def save(head, history) -> dict:  # after every epoch: a long run leaves a usable head early
+    saved: list[dict] = []
+
+    def save(head, history) -> None:  # after every epoch: a long run leaves a usable head early
         summary = {
             "prompts": len(prompts), "records": len(records),
             "generated_tokens": int(sum(r.num_positions + 1 - r.prompt_len for r in records)),
@@ -144,10 +146,12 @@ def warm_start(cfg: TideConfig, prompts: list[Prompt], out_dir: str | Path,
         }
         out = save_draft(head, out_dir, version=1, target=target)
         (out / "train_metrics.json").write_text(json.dumps(summary, indent=2))
-        return summary
+        saved.append(summary)
 
     history = train_head(head, target, train, holdout, cfg, on_epoch=save)
-    summary = save(head, history)  # (again: with no epochs, the untrained head)
+    if not saved:  # no epochs: the untrained head
+        save(head, history)
+    summary = saved[-1]
     out = Path(out_dir)
     log.info("saved draft head to %s (held-out simulated acceptance length %.2f -> %.2f)", out,
              history[0]["sim_accept_len"], history[-1]["sim_accept_len"])
