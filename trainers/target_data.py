@@ -66,7 +66,7 @@ def _decode_batch(target: Target, batch: list[list[int]], max_new: int, temperat
                   prefix: torch.Tensor, gen: torch.Generator):
     """Left-padded batched decoding; a finished answer leaves the batch (and its KV cache) at
     once, so no step is spent on it. Each step's outputs land in preallocated tensors on the
-    target's device (no per-row work, one host transfer per step for the stop test). Returns,
+    target's device (no per-row work; the host only syncs for the stop and shrink tests). Returns,
     per prompt, (ids, features (n, 3H), final_hidden (n, H)) on the CPU, n = len(ids) - 1 (the
     last token is never fed)."""
     dev = target.model.device
@@ -81,7 +81,7 @@ def _decode_batch(target: Target, batch: list[list[int]], max_new: int, temperat
     alive = torch.arange(B, device=dev)  # rows still decoding, as indices into `batch`
     answers = torch.zeros(B, max_new, dtype=torch.long, device=dev)
     n_answer = torch.zeros(B, dtype=torch.long, device=dev)
-    # features / final hidden of answer token s (fed at step s + 1)
+    # features / final hidden of answer token s, written when step s feeds it to the target
     feats = torch.zeros(B, max_new, prompt_feats[0].shape[-1], dtype=RECORD_DTYPE, device=dev)
     finals = torch.zeros(B, max_new, prompt_finals[0].shape[-1], dtype=RECORD_DTYPE, device=dev)
     for step in range(max_new):
