@@ -70,6 +70,8 @@ class TrainConfig:
     gen_samples: int = 5  # answers per prompt: the first greedy, the rest a sampled prefix then greedy
     gen_temperature: float = 0.8
     gen_sampled_prefix: int = 24  # sampled tokens before greedy: uniform in [0, this]
+    # distinct prompts the target writes itself (Magpie), answered once each, greedy; 0: none
+    gen_synth_prompts: int = 0
     # dtype of the target while it writes data: on CPUs without bf16 units fp32 decodes batches
     # ~5x faster; features are stored as bf16 either way, like serving captures them
     gen_dtype: str = "float32"
@@ -189,6 +191,8 @@ def _validate(cfg: TideConfig) -> None:
         (0 < d.top_p <= 1, f"decode.top_p must be in (0, 1], not {d.top_p}"),
         (d.top_k >= 0, f"decode.top_k must be >= 0, not {d.top_k}"),
         (cfg.draft.vocab_size >= 16, f"draft.vocab_size must be >= 16, not {cfg.draft.vocab_size}"),
+        (cfg.train.gen_synth_prompts >= 0,
+         f"train.gen_synth_prompts must be >= 0, not {cfg.train.gen_synth_prompts}"),
         (cfg.train.ttt_steps >= 1, f"train.ttt_steps must be >= 1, not {cfg.train.ttt_steps}"),
         (cfg.train.lr > 0, f"train.lr must be > 0, not {cfg.train.lr}"),
         (cfg.serving.replicas >= 1, f"serving.replicas must be >= 1, not {cfg.serving.replicas}"),

@@ -59,3 +59,12 @@ def encode(tokenizer, prompt: Prompt) -> list[int]:
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def user_turn_prefix(tokenizer) -> list[int]:
+    """The chat template's ids up to where a user's words start (system turn included)."""
+    marker = "\u2063TIDE\u2063"  # text no template writes itself
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    if marker not in text:
+        raise PromptFileError("the model's chat template does not render a user turn")
+    return tokenizer(text[: text.index(marker)], add_special_tokens=False)["input_ids"]

@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from tide.models import Target
-from tide.prompts import Prompt, encode
+from tide.prompts import Prompt, encode, user_turn_prefix
 from tide.records import HiddenStateRecord
 
 log = logging.getLogger(__name__)
@@ -29,16 +29,16 @@ RECORD_DTYPE = torch.bfloat16  # what serving captures; half the bytes of fp32
 @torch.inference_mode()
 def generate_records(target: Target, prompts: list[Prompt], max_new_tokens: int, batch_size: int,
                      temperature: float = 0.0, sampled_prefix: int | None = None, seed: int = 0,
-                     tag: str = "warm") -> list[HiddenStateRecord]:
+                     tag: str = "warm", prompt_ids: list[int] | None = None) -> list[HiddenStateRecord]:
     """One record per prompt (a prompt listed n times gets n answers). temperature 0: greedy.
     Otherwise each answer samples its first m tokens at `temperature`, m uniform in
     [0, sampled_prefix] (None: every token), then greedy. Runs on the target's device; the
-    records are on the CPU."""
+    records are on the CPU. prompt_ids: the token ids of every prompt, already encoded."""
     gen = torch.Generator().manual_seed(seed)
     device = target.model.device
     # sampling happens on the target's device and needs a generator there
     sample_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
-    encoded = [encode(target.tokenizer, p) for p in prompts]
+    encoded = [list(prompt_ids) if prompt_ids is not None else encode(target.tokenizer, p) for p in prompts]
     # similar lengths share a batch: less padding; records keep their prompt's index
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     records: list[HiddenStateRecord | None] = [None] * len(encoded)
@@ -60,6 +60,33 @@ def generate_records(target: Target, prompts: list[Prompt], max_new_tokens: int,
         log.info("target answers %d/%d (%d tokens, %.0f tok/s)", min(start + batch_size, len(order)),
                  len(order), tokens, tokens / (time.perf_counter() - t0))
     return records
+
+
+SYNTH_TEMPERATURE = 1.0  # Magpie samples the user turn at 1.0: diverse, still on-topic for the model
+SYNTH_MAX_TOKENS = 96
+
+
+@torch.inference_mode()
+def synthesize_prompts(target: Target, n: int, batch_size: int, seed: int = 0) -> list[Prompt]:
+    """Up to n distinct user prompts written by the target itself (Magpie, arXiv:2406.08464):
+    the chat template up to the start of a user turn is the whole input, and what the model
+    samples until its end-of-turn token is a request of the kind it was tuned to answer. More
+    distinct prompts is what the warm start lacks (a workload file holds a few hundred)."""
+    prefix = user_turn_prefix(target.tokenizer)
+    records = generate_records(target, [Prompt("", chat=False)] * n, SYNTH_MAX_TOKENS, batch_size,
+                               temperature=SYNTH_TEMPERATURE, seed=seed, tag="synth",
+                               prompt_ids=prefix)
+    seen, prompts = set(), []
+    for r in records:
+        ids = r.input_ids[r.prompt_len :].tolist()
+        if not ids or ids[-1] not in target.eos_ids:
+            continue  # ran out of tokens mid-request: not a whole prompt
+        text = target.tokenizer.decode(ids[:-1], skip_special_tokens=True).strip()
+        if len(text) >= 8 and text not in seen:
+            seen.add(text)
+            prompts.append(Prompt(text, chat=True))
+    log.info("synthesized %d distinct prompts from %d samples", len(prompts), n)
+    return prompts
 
 
 def _decode_batch(target: Target, batch: list[list[int]], max_new: int, temperature: float,
@@ -117,22 +144,25 @@ def _decode_batch(target: Target, batch: list[list[int]], max_new: int, temperat
 
 
 def _prefill_left_padded(target: Target, batch: list[list[int]], L: int):
-    """Prefill each distinct prompt alone (padding a batch to its longest prompt tripled the work
-    on mt_bench; a prompt answered n times is prefilled once) and stack the KV caches
-    left-padded to L. Returns the cache and, per prompt, the prompt's features, final hidden
-    states and last logits."""
+    """Prefill each distinct prompt once, distinct prompts of equal length together (no padding:
+    padding a batch to its longest prompt tripled the work on mt_bench; one call per prompt made
+    thousands of short synthesized prompts prefill-bound), and stack the KV caches left-padded to
+    L. Returns the cache and, per prompt, the prompt's features, final hidden states and last
+    logits."""
     dev = target.model.device
+    by_len: dict[int, list[tuple[int, ...]]] = {}
+    for e in dict.fromkeys(tuple(e) for e in batch):
+        by_len.setdefault(len(e), []).append(e)
     done: dict[tuple[int, ...], tuple] = {}
-    for e in batch:
-        if tuple(e) in done:
-            continue
+    for group in by_len.values():
         c = DynamicCache(config=target.config)
-        out = target.model(input_ids=torch.tensor([e], device=dev), past_key_values=c, use_cache=True,
+        out = target.model(input_ids=torch.tensor(group, device=dev), past_key_values=c, use_cache=True,
                            output_hidden_states=True, logits_to_keep=1)
         hs = out.hidden_states
-        done[tuple(e)] = (torch.cat([hs[i][0] for i in target.feature_layers], dim=-1).to(RECORD_DTYPE),
-                          hs[-1][0].to(RECORD_DTYPE), out.logits[0, -1].float(),
-                          [(layer.keys, layer.values) for layer in c.layers])
+        feats = torch.cat([hs[i] for i in target.feature_layers], dim=-1).to(RECORD_DTYPE)
+        for j, e in enumerate(group):
+            done[e] = (feats[j], hs[-1][j].to(RECORD_DTYPE), out.logits[j, -1].float(),
+                       [(layer.keys[j : j + 1], layer.values[j : j + 1]) for layer in c.layers])
     rows = [done[tuple(e)] for e in batch]
     cache = DynamicCache(config=target.config)
     for i in range(len(rows[0][3])):

@@ -19,10 +19,12 @@ from tide.config import ConfigError, TideConfig, to_dict
 from tide.models import Target, load_target
 from tide.prompts import Prompt
 from tide.records import HiddenStateRecord
-from trainers.target_data import generate_records
+from trainers.target_data import generate_records, synthesize_prompts
 from trainers.train_step import evaluate, make_batches, make_optimizer, train_step
 
 log = logging.getLogger(__name__)
+
+SYNTH_TAG = "warm-synth"  # request ids of answers to prompts the target wrote itself
 
 
 def token_counts(records: list[HiddenStateRecord], vocab_size: int) -> torch.Tensor:
@@ -123,14 +125,20 @@ def warm_start(cfg: TideConfig, prompts: list[Prompt], out_dir: str | Path,
             records += generate_records(target, prompts * (tc.gen_samples - 1), tc.gen_max_new_tokens,
                                         tc.gen_batch_size, tc.gen_temperature, tc.gen_sampled_prefix,
                                         seed=1, tag="warm-sampled")
+        if tc.gen_synth_prompts > 0:
+            synth = synthesize_prompts(target, tc.gen_synth_prompts, tc.gen_batch_size, seed=2)
+            log.info("%d greedy answers to synthesized prompts", len(synth))
+            records += generate_records(target, synth, tc.gen_max_new_tokens, tc.gen_batch_size, seed=3,
+                                        tag=SYNTH_TAG)
         if records_dir:
             save_records(records, Path(records_dir))
     gen_s = time.perf_counter() - t0
     counts = token_counts(records, target.config.vocab_size)
     head = new_head(target, cfg.draft.vocab_size, counts, seed=cfg.draft.seed)
     # hold out whole prompts (all their answers), never a sibling of a training answer
+    # (answers to synthesized prompts only train: the held-out score stays on the given prompts)
     n_prompts = max(len(prompts), 1) if prompts else len(records)
-    held = lambda i: (i % n_prompts) % 10 == 0
+    held = lambda i: (i % n_prompts) % 10 == 0 and not records[i].request_id.startswith(SYNTH_TAG)
     holdout, train = [r for i, r in enumerate(records) if held(i)], [r for i, r in enumerate(records) if not held(i)]
     t0 = time.perf_counter()
     coverage = float(counts[head.target_ids].sum() / counts.sum().clamp_min(1))
@@ -140,6 +148,7 @@ def warm_start(cfg: TideConfig, prompts: list[Prompt], out_dir: str | Path,
     def save(head, history) -> None:  # after every epoch: a long run leaves a usable head early
         summary = {
             "prompts": len(prompts), "records": len(records),
+            "synth_records": sum(r.request_id.startswith(SYNTH_TAG) for r in records),
             "generated_tokens": int(sum(r.num_positions + 1 - r.prompt_len for r in records)),
             "generate_s": round(gen_s, 1), "train_s": round(time.perf_counter() - t0, 1),
             "device": str(device), "history": history, "config": to_dict(cfg), "vocab_coverage": coverage,

@@ -18,6 +18,7 @@ def test_defaults_and_overrides():
     (["decode.temperature=-1"], "temperature"),
     (["decode.k"], "key=value"),
     (["train.device=gpu"], "train.device must be cpu, cuda or cuda:N"),
+    (["train.gen_synth_prompts=-1"], "train.gen_synth_prompts must be >= 0"),
 ])
 def test_bad_overrides_fail_clearly(override, message):
     with pytest.raises(ConfigError, match=message):

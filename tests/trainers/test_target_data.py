@@ -3,9 +3,9 @@ import torch
 
 from tide.config import DecodeConfig, ModelConfig
 from tide.models import load_target
-from tide.prompts import Prompt, encode
+from tide.prompts import Prompt, encode, user_turn_prefix
 from tide.speculative import target_forward, target_generate
-from trainers.target_data import generate_records
+from trainers.target_data import generate_records, synthesize_prompts
 
 PROMPTS = [Prompt(t, chat=True) for t in
            ["Hi", "Name three rivers in Europe and say which is longest.", "2+2?", "Write a haiku about rain."]]
@@ -61,3 +61,15 @@ def test_repeated_prompts_each_get_an_answer(target):
         assert a.input_ids.tolist() == b.input_ids.tolist()
         torch.testing.assert_close(a.features, b.features)
         torch.testing.assert_close(a.final_hidden, b.final_hidden)
+
+
+@pytest.mark.slow
+def test_the_target_writes_distinct_user_prompts(smol_fp32):
+    prefix = user_turn_prefix(smol_fp32.tokenizer)
+    assert smol_fp32.tokenizer.decode(prefix).endswith("<|im_start|>user\n")
+    prompts = synthesize_prompts(smol_fp32, 8, batch_size=8, seed=0)
+    assert 1 <= len(prompts) <= 8 and len({p.text for p in prompts}) == len(prompts)
+    for p in prompts:
+        assert p.chat and len(p.text) >= 8 and "<|im_" not in p.text
+        # a synthesized prompt is an ordinary user turn: it renders and answers like any other
+        assert encode(smol_fp32.tokenizer, p)[: len(prefix)] == prefix
