@@ -65,6 +65,11 @@ class _Spec:
         self.exact += int(exact)
         self.n += 1
 
+    def costs(self) -> dict:
+        p = max(self.passes, 1)
+        return {"draft_per_pass": round(1000 * self.draft_s / p, 2),
+                "verify_per_pass": round(1000 * self.verify_s / p, 2)}
+
     def summary(self, base: _Tally) -> dict:
         p = max(self.passes, 1)
         return {
@@ -96,9 +101,10 @@ def _pld(target, ids: list[int], max_new: int) -> tuple[int, float]:
 
 
 def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: str | None,
-              peer: str | None = None, spec_both: bool = False) -> dict:
+              peer: str | None = None, spec_both: bool = False, chain_k: int | None = None) -> dict:
     """`spec_both` also speculates with the target in the other dtype (same head, same prompts,
-    interleaved): which dtype wins depends on the CPU (bf16 units or not)."""
+    interleaved): which dtype wins depends on the CPU (bf16 units or not). `chain_k` also
+    speculates with a chain of that many draft tokens (same head): a tree's reference."""
     params = cfg.decode
     greedy = params.temperature == 0
     target = load_target(cfg.model, cfg.draft.feature_layers)
@@ -113,8 +119,9 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
         other_head = load_draft(draft_dir, other)[0] if draft_dir else new_head(
             other, cfg.draft.vocab_size, seed=cfg.draft.seed)
     base, alt, peer_t = _Tally(), _Tally(), _Tally()
-    spec, alt_spec = _Spec(), _Spec()
-    per_wl: dict[str, tuple[_Tally, _Spec]] = defaultdict(lambda: (_Tally(), _Spec()))
+    spec, alt_spec, chain = _Spec(), _Spec(), _Spec()
+    chain_params = replace(params, k=chain_k, tree_topk=0) if chain_k else None
+    per_wl: dict[str, tuple[_Tally, _Spec, _Spec]] = defaultdict(lambda: (_Tally(), _Spec(), _Spec()))
     items = [(name, p) for name, ps in workloads.items() for p in ps]
     for i, (name, prompt) in enumerate(items):
         ids = encode(target.tokenizer, prompt)
@@ -126,6 +133,8 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
         if other_head is not None:
             runs["alt_spec"] = lambda: speculative_generate(other, other_head, ids, params,
                                                             cfg.model.max_context)
+        if chain_params is not None:
+            runs["chain"] = lambda: speculative_generate(target, head, ids, chain_params, cfg.model.max_context)
         if peer == "pld":
             runs["peer"] = lambda: _pld(target, ids, params.max_new_tokens)
         order = list(runs)
@@ -139,6 +148,10 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
         spec.add(s, ss, exact)
         per_wl[name][0].add(len(b.tokens), bs)
         per_wl[name][1].add(s, ss, exact)
+        if "chain" in res:
+            c, cs = res["chain"]
+            chain.add(c, cs, c.tokens == b.tokens)
+            per_wl[name][2].add(c, cs, c.tokens == b.tokens)
         if "alt_spec" in res:
             a, as_ = res["alt_spec"]
             alt_spec.add(a, as_, a.tokens == res["alt"][0].tokens)
@@ -162,7 +175,7 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
             "target_per_token": round(1000 * base.seconds / max(base.tokens, 1), 2),
             "prefill_per_prompt": round(1000 * spec.prefill_s / max(spec.n, 1), 2),
         },
-        "per_workload": {n: s_.summary(b_) for n, (b_, s_) in per_wl.items()},
+        "per_workload": {n: s_.summary(b_) for n, (b_, s_, _) in per_wl.items()},
         "config": to_dict(cfg),
     })
     if other_head is not None:
@@ -177,6 +190,9 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
             "target_per_token": round(1000 * alt.seconds / max(alt.tokens, 1), 2),
         }
         out["spec_other_dtype"] = alt_out
+    if chain_params is not None:
+        out["chain"] = {**chain.summary(base), "k": chain_k, "cost_ms": chain.costs(),
+                        "per_workload": {n: c_.summary(b_) for n, (b_, _, c_) in per_wl.items()}}
     if peer:
         out["peer"] = peer
         out["peer_tok_s"] = round(peer_t.tok_s, 2)

@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--peer", choices=["pld"], help="also run a reference method")
     b.add_argument("--spec-both-dtypes", action="store_true",
                    help="also speculate with the target in the other dtype (fp32 <-> bf16)")
+    b.add_argument("--chain", type=int, metavar="K",
+                   help="with a draft tree (decode.tree_topk > 1): also speculate with a chain of K tokens")
     b.add_argument("--json", required=True, help="write the results here")
     _common(b)
     u = sub.add_parser("up", help="start Redis, Ray, serving actors, trainer, HTTP and W&B")
@@ -154,14 +156,17 @@ def cmd_bench(args) -> int:
     cfg = _cfg(args, extra)
     workloads = _load_workloads(args.prompts, args.half, args.limit)
     result = run_bench(cfg, workloads, args.draft or cfg.draft.path, args.peer,
-                       args.spec_both_dtypes)
+                       args.spec_both_dtypes, args.chain)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
-    shown = {k: v for k, v in result.items() if k not in ("config", "per_workload")}
+    shown = {k: ({k2: v2 for k2, v2 in v.items() if k2 != "per_workload"} if k == "chain" else v)
+             for k, v in result.items() if k not in ("config", "per_workload")}
     print(json.dumps(shown, indent=2))
     for name, s in result["per_workload"].items():
+        chain = result["chain"]["per_workload"][name] if "chain" in result else None
         print(f"{name:>12}: speedup {s['speedup']:.2f}x  accept len {s['mean_accept_len']:.2f}  "
-              f"exact {s['exact_prompts']}/{s['n_prompts']}")
+              f"exact {s['exact_prompts']}/{s['n_prompts']}"
+              + (f"  | chain {chain['speedup']:.2f}x  accept len {chain['mean_accept_len']:.2f}" if chain else ""))
     return 0
 
 

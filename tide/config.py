@@ -44,7 +44,11 @@ class DraftConfig:
 
 @dataclass
 class DecodeConfig:
-    k: int = 5  # draft tokens proposed per verify pass
+    k: int = 5  # draft tokens proposed per verify pass (with a tree: its depth)
+    # greedy only: a draft tree (EAGLE-2) that expands the tree_topk best tokens of the draft at
+    # each of k steps and verifies the tree_tokens most probable in one pass; 0 or 1: a chain
+    tree_topk: int = 0
+    tree_tokens: int = 16
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -186,6 +190,8 @@ def _validate(cfg: TideConfig) -> None:
         (cfg.train.device == "cpu" or cfg.train.device.split(":")[0] == "cuda",
          f"train.device must be cpu, cuda or cuda:N, not {cfg.train.device!r}"),
         (d.k >= 1, f"decode.k must be >= 1, not {d.k}"),
+        (d.tree_topk >= 0, f"decode.tree_topk must be >= 0, not {d.tree_topk}"),
+        (d.tree_tokens >= 1, f"decode.tree_tokens must be >= 1, not {d.tree_tokens}"),
         (d.max_new_tokens >= 1, f"decode.max_new_tokens must be >= 1, not {d.max_new_tokens}"),
         (d.temperature >= 0, f"decode.temperature must be >= 0, not {d.temperature}"),
         (0 < d.top_p <= 1, f"decode.top_p must be in (0, 1], not {d.top_p}"),

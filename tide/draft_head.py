@@ -110,10 +110,11 @@ class DraftAttention(nn.Module):
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, self.hd, 2).float() / self.hd))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x, positions, cache=None, ttt_base=None, ttt_diag=()):
+    def forward(self, x, positions, cache=None, ttt_base=None, ttt_diag=(), attn_mask=None):
         """x: (B, T, 2H). Returns the output (B, T, H) and this call's (k, v), each (B, nkv, T, d).
 
-        Inference: attend causally over `cache` plus the new entries.
+        Inference: attend causally over `cache` plus the new entries, or as `attn_mask` (T, S)
+        says (True: attend; S counts the cache with the new entries: a draft tree's nodes).
         Training-time test: `ttt_base` holds step-0 (k, v) of the whole window; query i of an
         unrolled step attends to base keys <= i plus, per earlier unrolled step, its own entry i
         (`ttt_diag`): exactly what a drafted token sees at inference.
@@ -127,8 +128,8 @@ class DraftAttention(nn.Module):
         if ttt_base is None:
             k_all, v_all = cache.append(k, v) if cache is not None else (k, v)
             S = k_all.shape[2]
-            mask = None
-            if T > 1:  # query t sees keys up to S - T + t
+            mask = attn_mask
+            if mask is None and T > 1:  # query t sees keys up to S - T + t
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
             out = F.scaled_dot_product_attention(
                 q, k_all.repeat_interleave(rep, 1), v_all.repeat_interleave(rep, 1), attn_mask=mask)
@@ -174,10 +175,10 @@ class DraftDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = DraftMLP(c)
 
-    def forward(self, hidden, embeds, positions, cache=None, ttt_base=None, ttt_diag=()):
+    def forward(self, hidden, embeds, positions, cache=None, ttt_base=None, ttt_diag=(), attn_mask=None):
         residual = hidden
         x = torch.cat((self.input_layernorm(embeds), self.hidden_norm(hidden)), dim=-1)  # (B,T,2H)
-        attn, kv = self.self_attn(x, positions, cache, ttt_base, ttt_diag)
+        attn, kv = self.self_attn(x, positions, cache, ttt_base, ttt_diag, attn_mask)
         hidden = residual + attn
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return hidden, kv
@@ -201,9 +202,9 @@ class DraftHead(nn.Module):
         """(B, T, 3H) target features -> (B, T, H) draft input hidden."""
         return self.fc(features)
 
-    def forward(self, hidden, embeds, positions, cache=None, ttt_base=None, ttt_diag=()):
+    def forward(self, hidden, embeds, positions, cache=None, ttt_base=None, ttt_diag=(), attn_mask=None):
         """hidden, embeds: (B, T, H); positions: (T,). Returns (B, T, H) and this call's (k, v)."""
-        return self.midlayer(hidden, embeds, positions, cache, ttt_base, ttt_diag)
+        return self.midlayer(hidden, embeds, positions, cache, ttt_base, ttt_diag, attn_mask)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, H) -> (B, T, Vd) over the draft vocabulary."""

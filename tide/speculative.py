@@ -27,6 +27,7 @@ from tide.draft_head import DraftCache, DraftHead
 from tide.errors import TideError
 from tide.models import Target
 from tide.rejection import accept_greedy, accept_sampling, target_probs
+from tide.tree import DraftTree, accept_tree_greedy, keep_cache_rows, propose_tree, tree_attention_mask
 
 
 class ContextTooLong(TideError, ValueError):
@@ -63,9 +64,10 @@ class TargetOut:
 
 
 def target_forward(target: Target, input_ids: torch.Tensor, cache, hidden: bool = True,
-                   last_logits_only: bool = False) -> TargetOut:
+                   last_logits_only: bool = False, position_ids=None, attention_mask=None) -> TargetOut:
     out = target.model(input_ids=input_ids, past_key_values=cache, use_cache=True,
-                       output_hidden_states=hidden, logits_to_keep=1 if last_logits_only else 0)
+                       output_hidden_states=hidden, logits_to_keep=1 if last_logits_only else 0,
+                       position_ids=position_ids, attention_mask=attention_mask)
     if not hidden:
         return TargetOut(out.logits[0], None, None)
     hs = out.hidden_states
@@ -115,13 +117,19 @@ def prefill(target: Target, prompt_ids: list[int], params: DecodeConfig, gen, hi
     return cache, out, sample_token(out.logits[-1], params, gen)
 
 
-def propose(head: DraftHead, embed, s: _State, params: DecodeConfig, k: int, gen):
-    """Draft k tokens. Returns target ids (k,) and, when sampling, their distributions (k, V)."""
+def feed_pending(head: DraftHead, embed, s: _State) -> torch.Tensor:
+    """Run the draft over the newly verified positions; returns its last output (1, 1, H), which
+    predicts the first draft token."""
     start = s.length - s.pending_tokens.shape[0]
     positions = torch.arange(start, s.length)
     out, _ = head(head.fuse(s.pending_features[None]), embed(s.pending_tokens[None]), positions,
                   s.draft_cache)
-    last = out[:, -1:]  # (1, 1, H)
+    return out[:, -1:]
+
+
+def propose(head: DraftHead, embed, s: _State, params: DecodeConfig, k: int, gen):
+    """Draft k tokens. Returns target ids (k,) and, when sampling, their distributions (k, V)."""
+    last = feed_pending(head, embed, s)  # (1, 1, H)
     tokens, probs = [], []
     target_ids = head.target_ids if params.temperature > 0 else None
     for i in range(k):
@@ -146,6 +154,13 @@ def verify(target: Target, s: _State, draft_tokens: torch.Tensor) -> TargetOut:
     return target_forward(target, ids, s.target_cache)
 
 
+def verify_tree(target: Target, s: _State, tree: DraftTree) -> TargetOut:
+    ids = torch.cat((torch.tensor([s.next_token]), tree.tokens))[None]  # (1, N+1)
+    positions = (s.length + torch.cat((torch.zeros(1, dtype=torch.long), tree.depths)))[None]
+    mask = tree_attention_mask(tree, s.length, target.model.dtype)
+    return target_forward(target, ids, s.target_cache, position_ids=positions, attention_mask=mask)
+
+
 def accept(out: TargetOut, draft_tokens, draft_probs, params: DecodeConfig, gen):
     if params.temperature == 0:
         return accept_greedy(draft_tokens, out.logits)
@@ -153,16 +168,17 @@ def accept(out: TargetOut, draft_tokens, draft_probs, params: DecodeConfig, gen)
     return accept_sampling(draft_tokens, draft_probs, p, gen)
 
 
-def commit(s: _State, out: TargetOut, draft_tokens: torch.Tensor, a: int, z: int, capture: bool):
-    """Keep the verified prefix in both caches; the verified positions become pending entries."""
-    drop = s.target_cache.get_seq_length() - (s.length + a + 1)
-    if drop > 0:
-        s.target_cache.crop(-drop)  # transformers 5 crops by a negative count of tokens to drop
+def commit(s: _State, out: TargetOut, rows: list[int], accepted: torch.Tensor, z: int, capture: bool):
+    """Keep the verified positions in both caches: `rows` of the verify input (y, then the
+    accepted draft tokens `accepted`; a prefix for a chain, a path for a tree). They become the
+    draft's pending entries."""
+    keep_cache_rows(s.target_cache, s.length, rows)
     s.draft_cache.crop(s.length)
-    s.pending_features = out.features[: a + 1]
-    s.pending_tokens = torch.cat((draft_tokens[:a], torch.tensor([z])))
+    a = len(rows) - 1
+    s.pending_features = out.features[rows]
+    s.pending_tokens = torch.cat((accepted, torch.tensor([z])))
     if capture:
-        s.captured.append((out.features[: a + 1], out.final_hidden[: a + 1]))
+        s.captured.append((out.features[rows], out.final_hidden[rows]))
     s.length += a + 1
     s.next_token = z
     s.sequence.extend(s.pending_tokens.tolist())
@@ -206,6 +222,7 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
     new, reason = _finish([y], target.eos_ids, params.max_new_tokens)
     emit = _Emitter(on_tokens)
     embed = target.embed
+    tree = params.tree_topk > 1 and params.temperature == 0  # sampling keeps the chain
     while reason is None:
         emit(new)
         k = min(params.k, max_context - s.length - 1)
@@ -213,15 +230,25 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
             reason = "length"
             break
         t0 = time.perf_counter()
-        draft_tokens, draft_probs = propose(head, embed, s, params, k, gen)
-        t1 = time.perf_counter()
-        out = verify(target, s, draft_tokens)
-        a, z = accept(out, draft_tokens, draft_probs, params, gen)
-        commit(s, out, draft_tokens, a, z, capture)
+        if tree:
+            dt = propose_tree(head, embed, feed_pending(head, embed, s), s.draft_cache, s.length, k,
+                              params.tree_topk, min(params.tree_tokens, max_context - s.length - 1))
+            t1 = time.perf_counter()
+            out = verify_tree(target, s, dt)
+            path, z = accept_tree_greedy(dt, out.logits)
+            a, drafted = len(path), len(dt)
+            commit(s, out, [0, *(i + 1 for i in path)], dt.tokens[path], z, capture)
+        else:
+            draft_tokens, draft_probs = propose(head, embed, s, params, k, gen)
+            t1 = time.perf_counter()
+            out = verify(target, s, draft_tokens)
+            a, z = accept(out, draft_tokens, draft_probs, params, gen)
+            drafted = k
+            commit(s, out, list(range(a + 1)), draft_tokens[:a], z, capture)
         g.draft_s += t1 - t0
         g.verify_s += time.perf_counter() - t1
         g.passes += 1
-        g.drafted += k
+        g.drafted += drafted
         g.accepted += a
         for i in range(a):
             g.accepted_per_pos[i] += 1

@@ -27,3 +27,14 @@ def test_bench_reports_both_dtypes_and_exactness(tiny_model_dir):
     assert other["dtype"] == "bfloat16" and other["n_prompts"] == 3
     assert set(other["cost_ms"]) == {"draft_per_pass", "verify_per_pass", "target_per_token"}
     assert other["spec_tok_s"] > 0 and other["baseline_tok_s"] == out["baseline_bfloat16_tok_s"]
+
+
+def test_bench_compares_a_tree_with_its_chain(tiny_model_dir):
+    cfg = load_config(overrides=[f"model.source={tiny_model_dir}", "model.dtype=float32", "decode.k=3",
+                                 "decode.tree_topk=3", "decode.tree_tokens=8", "decode.max_new_tokens=12"])
+    workloads = {"a": [Prompt("one two three", chat=False), Prompt("four five", chat=False)]}
+    out = run_bench(cfg, workloads, None, chain_k=2)
+    assert out["exact_match"] is True and out["chain"]["exact_prompts"] == 2
+    assert out["chain"]["k"] == 2 and len(out["chain"]["accept_rate_per_pos"]) == 2
+    assert 1.0 <= out["chain"]["mean_accept_len"] <= 3.0 and 1.0 <= out["mean_accept_len"] <= 4.0
+    assert set(out["chain"]["per_workload"]) == {"a"} and out["chain"]["cost_ms"]["verify_per_pass"] > 0

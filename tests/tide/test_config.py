@@ -19,6 +19,8 @@ def test_defaults_and_overrides():
     (["decode.k"], "key=value"),
     (["train.device=gpu"], "train.device must be cpu, cuda or cuda:N"),
     (["train.gen_synth_prompts=-1"], "train.gen_synth_prompts must be >= 0"),
+    (["decode.tree_topk=-1"], "decode.tree_topk must be >= 0"),
+    (["decode.tree_tokens=0"], "decode.tree_tokens must be >= 1"),
 ])
 def test_bad_overrides_fail_clearly(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -34,8 +34,8 @@ def trained_head(smol_fp32):
     return head.float().eval()
 
 
-def _check(target, head, prompts, baselines, k):
-    params = DecodeConfig(max_new_tokens=40, k=k)
+def _check(target, head, prompts, baselines, k, tree_topk=0):
+    params = DecodeConfig(max_new_tokens=40, k=k, tree_topk=tree_topk, tree_tokens=8)
     accept = []
     for ids, expected in zip(prompts, baselines):
         g = speculative_generate(target, head, ids, params)
@@ -54,6 +54,15 @@ def test_random_head_is_exact(smol_fp32, prompts, baselines):
     _check(smol_fp32, head, prompts, baselines, k=4)
 
 
-def test_trained_head_is_exact_and_accepts(smol_fp32, prompts, baselines, trained_head):
-    mean_accept = _check(smol_fp32, trained_head, prompts, baselines, k=3)
-    assert mean_accept > 1.0  # the accept path (not only rejections) was exercised
+@pytest.fixture(scope="module")
+def chain_accept(smol_fp32, prompts, baselines, trained_head):
+    return _check(smol_fp32, trained_head, prompts, baselines, k=3)
+
+
+def test_trained_head_is_exact_and_accepts(chain_accept):
+    assert chain_accept > 1.0  # the accept path (not only rejections) was exercised
+
+
+def test_draft_tree_is_exact_and_accepts_more(smol_fp32, prompts, baselines, trained_head, chain_accept):
+    tree = _check(smol_fp32, trained_head, prompts, baselines, k=3, tree_topk=3)
+    assert tree > chain_accept  # 8 candidates on 3 levels beat a chain of 3: side branches were accepted
