@@ -12,6 +12,8 @@ positions become "pending" draft entries, and the draft's last output proposes d
         pending       <- features rows 0..a with next tokens [d_1..d_a, z]
 
 Acceptance length is counted as in tide.rejection: a + 1 per verify pass.
+Greedy decoding with `decode.tree_topk` > 1 proposes a tree instead (tide.tree): the verify input
+is [y, tree nodes] under a tree mask, and the rows kept are y and the accepted branch.
 """
 
 from __future__ import annotations
