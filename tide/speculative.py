@@ -129,6 +129,14 @@ def feed_pending(head: DraftHead, embed, s: _State) -> torch.Tensor:
     return out[:, -1:]
 
 
+def start(target: Target, prompt_ids: list[int], params: DecodeConfig, gen, capture: bool = False) -> _State:
+    """Prefill; the loop starts with every prompt position pending for the draft."""
+    cache, out, y = prefill(target, prompt_ids, params, gen)
+    ids = torch.tensor(prompt_ids)
+    return _State(cache, DraftCache(), len(prompt_ids), y, out.features, torch.cat((ids[1:], torch.tensor([y]))),
+                  [*prompt_ids, y], [(out.features, out.final_hidden)] if capture else [])
+
+
 def propose(head: DraftHead, embed, s: _State, params: DecodeConfig, k: int, gen):
     """Draft k tokens. Returns target ids (k,) and, when sampling, their distributions (k, V)."""
     last = feed_pending(head, embed, s)  # (1, 1, H)
@@ -215,10 +223,8 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
     _check_room(target, len(prompt_ids), max_context)
     gen = _generator(params)
     t0 = time.perf_counter()
-    cache, out, y = prefill(target, prompt_ids, params, gen)
-    ids = torch.tensor(prompt_ids)
-    s = _State(cache, DraftCache(), len(prompt_ids), y, out.features, torch.cat((ids[1:], torch.tensor([y]))),
-               [*prompt_ids, y], [(out.features, out.final_hidden)] if capture else [])
+    s = start(target, prompt_ids, params, gen, capture)
+    y = s.next_token
     g = Generation(tokens=[], finish_reason="length", prompt_len=len(prompt_ids),
                    accepted_per_pos=[0] * params.k, prefill_s=time.perf_counter() - t0)
     new, reason = _finish([y], target.eos_ids, params.max_new_tokens)

@@ -4,15 +4,13 @@ import torch
 from tests.conftest import tiny_target
 from tide.checkpoint import new_head
 from tide.config import DecodeConfig
-from tide.draft_head import DraftCache
 from tide.speculative import (
     ContextTooLong,
-    _State,
     accept,
     commit,
-    prefill,
     propose,
     speculative_generate,
+    start,
     target_forward,
     target_generate,
     verify,
@@ -59,16 +57,13 @@ def test_cache_rollback_leaves_exactly_the_verified_prefix(tiny):
     params = DecodeConfig(k=4)
     head = _noisy_head(tiny, scale=0.05)
     prompt = [5, 17, 33, 2, 9, 41]
-    cache, out, y = prefill(tiny, prompt, params, None)
-    ids = torch.tensor(prompt)
-    s = _State(cache, DraftCache(), len(prompt), y, out.features, torch.cat((ids[1:], torch.tensor([y]))),
-               [*prompt, y], [])
+    s = start(tiny, prompt, params, None)
     with torch.inference_mode():
         for _ in range(3):
             d, q = propose(head, tiny.embed, s, params, params.k, None)
             vout = verify(tiny, s, d)
             a, z = accept(vout, d, q, params, None)
-            commit(s, vout, d, a, z, capture=False)
+            commit(s, vout, list(range(a + 1)), d[:a], z, capture=False)
             assert s.target_cache.get_seq_length() == s.length == len(s.sequence) - 1
             assert len(s.draft_cache) == s.length - s.pending_tokens.shape[0]
         # the rolled-back cache continues exactly like a fresh pass over the same tokens

@@ -8,27 +8,16 @@ from transformers import DynamicCache
 
 from tests.tide.test_speculative import _good_head, _noisy_head
 from tide.config import DecodeConfig
-from tide.draft_head import DraftCache
 from tide.speculative import (
-    _State,
     feed_pending,
-    prefill,
     propose,
     speculative_generate,
+    start,
     target_forward,
     target_generate,
     verify_tree,
 )
 from tide.tree import DraftTree, accept_tree_greedy, keep_cache_rows, propose_tree
-
-
-def _state(target, head, prompt):
-    params = DecodeConfig()
-    cache, out, y = prefill(target, prompt, params, None)
-    ids = torch.tensor(prompt)
-    s = _State(cache, DraftCache(), len(prompt), y, out.features, torch.cat((ids[1:], torch.tensor([y]))),
-               [*prompt, y], [])
-    return s
 
 
 @pytest.mark.parametrize("k, topk, nodes", [(1, 3, 3), (3, 2, 6), (5, 4, 40)])
@@ -62,7 +51,7 @@ def test_tree_shape_and_every_node_is_the_drafts_top_k(tiny):
     """Parents come first, depth = parent's + 1, and each expanded node's children are the
     draft's own top-k after that node's path: computed here by feeding the path as a chain."""
     head = _noisy_head(tiny, scale=0.2)
-    s = _state(tiny, head, [5, 6, 7, 8, 9, 10])
+    s = start(tiny, [5, 6, 7, 8, 9, 10], DecodeConfig(), None)
     with torch.inference_mode():
         hidden = feed_pending(head, tiny.embed, s)
         context = copy.deepcopy(s.draft_cache)
@@ -88,7 +77,7 @@ def test_tree_shape_and_every_node_is_the_drafts_top_k(tiny):
 
 def test_a_topk_1_tree_is_the_chain(tiny):
     head = _noisy_head(tiny, scale=0.2)
-    s = _state(tiny, head, [5, 6, 7, 8])
+    s = start(tiny, [5, 6, 7, 8], DecodeConfig(), None)
     with torch.inference_mode():
         chain, _ = propose(head, tiny.embed, copy.deepcopy(s), DecodeConfig(), 4, None)
         tree = propose_tree(head, tiny.embed, feed_pending(head, tiny.embed, s), s.draft_cache, s.length, 4, 1, 4)
@@ -113,9 +102,8 @@ def test_accept_walks_the_branch_the_target_agrees_with():
 def test_rollback_keeps_the_accepted_branch_like_a_linear_pass(tiny):
     """After verifying a tree and keeping one side branch, the cache equals the cache of the
     prefix plus that branch fed in order."""
-    head = _noisy_head(tiny, scale=0.2)
     prompt = [11, 12, 13, 14, 15]
-    s = _state(tiny, head, prompt)
+    s = start(tiny, prompt, DecodeConfig(), None)
     tree = DraftTree(torch.tensor([20, 21, 22, 23]), torch.tensor([-1, -1, 1, 2]), torch.tensor([1, 1, 2, 3]))
     with torch.inference_mode():
         out = verify_tree(tiny, s, tree)
