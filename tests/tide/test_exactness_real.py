@@ -41,7 +41,7 @@ def _check(target, head, prompts, baselines, k, tree_topk=0):
         g = speculative_generate(target, head, ids, params)
         assert g.tokens == expected
         accept.append(g.mean_accept_len)
-    return sum(accept) / len(accept)
+    return accept  # per prompt
 
 
 def test_random_head_is_exact(smol_fp32, prompts, baselines):
@@ -60,9 +60,10 @@ def chain_accept(smol_fp32, prompts, baselines, trained_head):
 
 
 def test_trained_head_is_exact_and_accepts(chain_accept):
-    assert chain_accept > 1.0  # the accept path (not only rejections) was exercised
+    assert sum(chain_accept) / len(chain_accept) > 1.0  # the accept path (not only rejections) ran
 
 
 def test_draft_tree_is_exact_and_accepts_more(smol_fp32, prompts, baselines, trained_head, chain_accept):
-    tree = _check(smol_fp32, trained_head, prompts, baselines, k=3, tree_topk=3)
-    assert tree > chain_accept  # 8 candidates on 3 levels beat a chain of 3: side branches were accepted
+    n = 10  # fp32 tree passes are slow on CPU: half the prompts (the chain tests cover all 20)
+    tree = _check(smol_fp32, trained_head, prompts[:n], baselines[:n], k=3, tree_topk=3)
+    assert sum(tree) > sum(chain_accept[:n])  # 8 candidates on 3 levels beat a chain of 3
