@@ -192,6 +192,8 @@ def _validate(cfg: TideConfig) -> None:
         (d.k >= 1, f"decode.k must be >= 1, not {d.k}"),
         (d.tree_topk >= 0, f"decode.tree_topk must be >= 0, not {d.tree_topk}"),
         (d.tree_tokens >= 1, f"decode.tree_tokens must be >= 1, not {d.tree_tokens}"),
+        (d.tree_topk <= cfg.draft.vocab_size,
+         f"decode.tree_topk ({d.tree_topk}) cannot exceed draft.vocab_size ({cfg.draft.vocab_size})"),
         (d.max_new_tokens >= 1, f"decode.max_new_tokens must be >= 1, not {d.max_new_tokens}"),
         (d.temperature >= 0, f"decode.temperature must be >= 0, not {d.temperature}"),
         (0 < d.top_p <= 1, f"decode.top_p must be in (0, 1], not {d.top_p}"),

@@ -91,12 +91,12 @@ def _select(head, ids, scores, parents, depths, n_nodes: int) -> DraftTree:
     """The n_nodes best candidates by joint probability, closed under ancestors (a child never
     scores above its parent, but ties could break the order), parents listed before children."""
     order = sorted(range(len(ids)), key=lambda i: (-float(scores[i]), int(depths[i])))
-    chosen: dict[int, int] = {-1: -1}
+    chosen = {-1}  # the root, then the nodes taken
     for c in order:
         if len(chosen) > n_nodes:
             break
         if int(parents[c]) in chosen:
-            chosen[c] = 0
+            chosen.add(c)
     keep = sorted((c for c in chosen if c >= 0), key=lambda c: (int(depths[c]), -float(scores[c])))
     index = {c: i for i, c in enumerate(keep)}
     index[-1] = -1

@@ -21,6 +21,7 @@ def test_defaults_and_overrides():
     (["train.gen_synth_prompts=-1"], "train.gen_synth_prompts must be >= 0"),
     (["decode.tree_topk=-1"], "decode.tree_topk must be >= 0"),
     (["decode.tree_tokens=0"], "decode.tree_tokens must be >= 1"),
+    (["decode.tree_topk=64", "draft.vocab_size=32"], "cannot exceed draft.vocab_size"),
 ])
 def test_bad_overrides_fail_clearly(override, message):
     with pytest.raises(ConfigError, match=message):
