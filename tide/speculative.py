@@ -184,12 +184,11 @@ def commit(s: _State, out: TargetOut, rows: list[int], accepted: torch.Tensor, z
     draft's pending entries."""
     keep_cache_rows(s.target_cache, s.length, rows)
     s.draft_cache.crop(s.length)
-    a = len(rows) - 1
     s.pending_features = out.features[rows]
     s.pending_tokens = torch.cat((accepted, torch.tensor([z])))
     if capture:
-        s.captured.append((out.features[rows], out.final_hidden[rows]))
-    s.length += a + 1
+        s.captured.append((s.pending_features, out.final_hidden[rows]))
+    s.length += len(rows)
     s.next_token = z
     s.sequence.extend(s.pending_tokens.tolist())
 

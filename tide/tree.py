@@ -90,19 +90,19 @@ def propose_tree(head: DraftHead, embed, hidden: torch.Tensor, cache, length: in
 def _select(head, ids, scores, parents, depths, n_nodes: int) -> DraftTree:
     """The n_nodes best candidates by joint probability, closed under ancestors (a child never
     scores above its parent, but ties could break the order), parents listed before children."""
-    order = sorted(range(len(ids)), key=lambda i: (-float(scores[i]), int(depths[i])))
+    score, parent, depth = scores.tolist(), parents.tolist(), depths.tolist()
     chosen = {-1}  # the root, then the nodes taken
-    for c in order:
+    for c in sorted(range(len(score)), key=lambda i: (-score[i], depth[i])):
         if len(chosen) > n_nodes:
             break
-        if int(parents[c]) in chosen:
+        if parent[c] in chosen:
             chosen.add(c)
-    keep = sorted((c for c in chosen if c >= 0), key=lambda c: (int(depths[c]), -float(scores[c])))
+    keep = sorted((c for c in chosen if c >= 0), key=lambda c: (depth[c], -score[c]))
     index = {c: i for i, c in enumerate(keep)}
     index[-1] = -1
     keep_t = torch.tensor(keep, dtype=torch.long)
     return DraftTree(tokens=head.to_target_ids(ids[keep_t]),
-                     parents=torch.tensor([index[int(parents[c])] for c in keep], dtype=torch.long),
+                     parents=torch.tensor([index[parent[c]] for c in keep], dtype=torch.long),
                      depths=depths[keep_t])
 
 

@@ -27,18 +27,18 @@ RECORD_DTYPE = torch.bfloat16  # what serving captures; half the bytes of fp32
 
 
 @torch.inference_mode()
-def generate_records(target: Target, prompts: list[Prompt], max_new_tokens: int, batch_size: int,
+def generate_records(target: Target, prompts: list[Prompt | list[int]], max_new_tokens: int, batch_size: int,
                      temperature: float = 0.0, sampled_prefix: int | None = None, seed: int = 0,
-                     tag: str = "warm", prompt_ids: list[int] | None = None) -> list[HiddenStateRecord]:
+                     tag: str = "warm") -> list[HiddenStateRecord]:
     """One record per prompt (a prompt listed n times gets n answers). temperature 0: greedy.
     Otherwise each answer samples its first m tokens at `temperature`, m uniform in
     [0, sampled_prefix] (None: every token), then greedy. Runs on the target's device; the
-    records are on the CPU. prompt_ids: the token ids of every prompt, already encoded."""
+    records are on the CPU. A prompt may be given as token ids, already encoded."""
     gen = torch.Generator().manual_seed(seed)
     device = target.model.device
     # sampling happens on the target's device and needs a generator there
     sample_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
-    encoded = [list(prompt_ids) if prompt_ids is not None else encode(target.tokenizer, p) for p in prompts]
+    encoded = [list(p) if isinstance(p, list) else encode(target.tokenizer, p) for p in prompts]
     # similar lengths share a batch: less padding; records keep their prompt's index
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     records: list[HiddenStateRecord | None] = [None] * len(encoded)
@@ -73,9 +73,8 @@ def synthesize_prompts(target: Target, n: int, batch_size: int, seed: int = 0) -
     samples until its end-of-turn token is a request of the kind it was tuned to answer. More
     distinct prompts is what the warm start lacks (a workload file holds a few hundred)."""
     prefix = user_turn_prefix(target.tokenizer)
-    records = generate_records(target, [Prompt("", chat=False)] * n, SYNTH_MAX_TOKENS, batch_size,
-                               temperature=SYNTH_TEMPERATURE, seed=seed, tag="synth",
-                               prompt_ids=prefix)
+    records = generate_records(target, [prefix] * n, SYNTH_MAX_TOKENS, batch_size,
+                               temperature=SYNTH_TEMPERATURE, seed=seed, tag="synth")
     seen, prompts = set(), []
     for r in records:
         ids = r.input_ids[r.prompt_len :].tolist()
