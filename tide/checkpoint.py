@@ -19,7 +19,7 @@ from safetensors.torch import save as st_save
 
 from tide.draft_head import DraftHead, DraftHeadConfig, build_draft_vocab
 from tide.errors import TideError
-from tide.models import Target
+from tide.models import Target, use_skinny_matmul
 
 
 class WeightError(TideError, ValueError):
@@ -34,7 +34,7 @@ def new_head(target: Target, vocab_size: int, token_counts: torch.Tensor | None 
     counts = token_counts if token_counts is not None else torch.zeros(target.config.vocab_size)
     head.set_vocab(build_draft_vocab(counts, head.config.draft_vocab_size))
     head.init_from_target(target.lm_head_weight, target.final_norm_weight)
-    return head.to(target.dtype).eval()
+    return _for_target(head, target)
 
 
 def save_draft(head: DraftHead, folder: str | Path, version: int, target: Target) -> Path:
@@ -70,7 +70,13 @@ def load_draft(folder: str | Path, target: Target) -> tuple[DraftHead, int]:
     head = DraftHead(config)
     validate_state(head, state)
     head.load_state_dict(state, strict=True)
-    return head.to(target.dtype).eval(), int(info["version"])
+    return _for_target(head, target), int(info["version"])
+
+
+def _for_target(head: DraftHead, target: Target) -> DraftHead:
+    """The head in the target's dtype, with the same fast few-row products (tree drafts)."""
+    head = head.to(target.dtype).eval()
+    return use_skinny_matmul(head) if target.skinny_matmul else head
 
 
 def state_to_bytes(head: DraftHead) -> bytes:

@@ -29,7 +29,8 @@ class ModelConfig:
     cache_dir: str = "~/.cache/tide/models"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     max_context: int = 2048  # prompt + generated tokens
-    # fp32: run few-row products (verify passes) as W @ x^T; see tide.models.SkinnyLinear
+    # fast few-row products (verify passes): fp32 as W @ x^T; bf16 on AVX2-only CPUs with
+    # tide.kernels (built once); see tide.models.SkinnyLinear
     skinny_matmul: bool = True
 
 

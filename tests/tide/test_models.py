@@ -15,8 +15,19 @@ def test_skinny_linear_matches_linear(rows, bias):
     skinny.load_state_dict(ref.state_dict())
     skinny.__class__ = SkinnyLinear
     x = torch.randn(1, rows, 24)
-    torch.testing.assert_close(skinny(x), ref(x), atol=1e-5, rtol=1e-5)
-    assert skinny(x).shape == (1, rows, 40)
+    with torch.no_grad():  # with autograd the stock path runs
+        torch.testing.assert_close(skinny(x), ref(x), atol=1e-5, rtol=1e-5)
+        assert skinny(x).shape == (1, rows, 40)
+
+
+def test_skinny_linear_keeps_autograd():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    layer.__class__ = SkinnyLinear
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(3, 16).detach())
 
 
 def test_use_skinny_matmul_keeps_parameters_ties_and_outputs():
