@@ -7,7 +7,9 @@ RUN ?= runs/latest
 .PHONY: setup test test-fast lint bench up down status plot demo demo-drift clean
 
 setup: $(BIN)/tide
-	$(BIN)/python -c "from tide.config import ModelConfig; from tide.models import load_target; load_target(ModelConfig())"
+	# converts the default model once and, on AVX2-only CPUs, builds tide's bf16 kernel once
+	$(BIN)/python -c "import logging; logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s'); \
+	from tide.config import ModelConfig; from tide.models import load_target; load_target(ModelConfig())"
 
 $(BIN)/tide: pyproject.toml
 	$(PY) -m venv $(VENV)

@@ -50,7 +50,7 @@ def bf16_kernel():
 
             # the venv's ninja is not on PATH unless the venv is activated
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-            log.info("building tide's AVX2 bf16 kernel (once per machine, ~30 s)")
+            log.info("loading tide's AVX2 bf16 kernel (built on first use: ~30-60 s)")
             _ext = load(name="tide_bf16_gemm", sources=[str(Path(__file__).with_name("bf16_gemm.cpp"))],
                         extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],  # OpenMP: torch's threads
                         extra_ldflags=["-fopenmp"], verbose=False)
