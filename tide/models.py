@@ -159,7 +159,8 @@ class SkinnyLinear(nn.Linear):
         x2 = x.reshape(rows, -1)
         if self.weight.dtype == torch.float32 and rows <= self.max_rows:
             y = torch.mm(self.weight, x2.t()).t()  # (rows, out)
-        elif self.weight.dtype == torch.bfloat16 and self.bf16_ext is not None and self.in_features % 8 == 0:
+        elif (self.weight.dtype == torch.bfloat16 and self.bf16_ext is not None and x.device.type == "cpu"
+              and self.in_features % 8 == 0):
             y = self.bf16_ext.bf16_linear(x2.float().contiguous(), self.weight).to(x.dtype)  # (rows, out)
         else:
             return F.linear(x, self.weight, self.bias)

@@ -61,6 +61,13 @@ def test_skinny_linear_bf16_agrees_with_stock_to_bf16_rounding(ext, rows):
     torch.testing.assert_close(stock.float(), want, atol=0.05, rtol=2 ** -7)
 
 
+@needs_kernel
+def test_skinny_linear_bf16_leaves_other_devices_to_torch(ext):
+    layer = use_skinny_matmul(nn.Sequential(nn.Linear(16, 8).bfloat16()))[0].requires_grad_(False)
+    x = torch.randn(3, 16).bfloat16().to("meta")  # stands in for a GPU tensor: the kernel reads host memory
+    assert layer.to("meta")(x).device.type == "meta"
+
+
 def test_a_kernel_that_cannot_be_built_leaves_the_stock_path(monkeypatch, caplog):
     import torch.utils.cpp_extension as cpp
 
