@@ -16,7 +16,7 @@ import torch
 
 from tide.checkpoint import new_head, save_draft
 from tide.config import ConfigError, TideConfig, to_dict
-from tide.models import Target, load_target
+from tide.models import Target, load_target, resolve_dtype
 from tide.prompts import Prompt
 from tide.records import HiddenStateRecord
 from trainers.target_data import generate_records, synthesize_prompts
@@ -44,9 +44,11 @@ def train_head(head, target: Target, train: list, holdout: list, cfg: TideConfig
     embed = target.embed
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the head's products; the target is done
+    bf16 = resolve_dtype(tc.precision, device) == "bfloat16"
+    log.info("training in %s", "bf16 autocast" if bf16 else "fp32")
     opt = make_optimizer(head, tc.lr, tc.weight_decay)
     rng = random.Random(tc.seed)
-    history = [{"epoch": 0, **evaluate(head, embed, rows, holdout, tc.ttt_steps, tc.seq_len, tc.batch_size)}]
+    history = [{"epoch": 0, **evaluate(head, embed, rows, holdout, tc.ttt_steps, tc.seq_len, tc.batch_size, bf16)}]
     log.info("before training: held-out simulated acceptance length %.2f",
              history[0]["sim_accept_len"])
     n_batches = sum(1 for _ in make_batches(train, tc.seq_len, tc.batch_size))
@@ -54,14 +56,14 @@ def train_head(head, target: Target, train: list, holdout: list, cfg: TideConfig
     for epoch in range(1, tc.epochs + 1):
         t0 = time.perf_counter()
         for i, batch in enumerate(make_batches(train, tc.seq_len, tc.batch_size, rng), 1):
-            m = train_step(head, embed, rows, batch.to(device), opt, tc.ttt_steps, tc.grad_clip)
+            m = train_step(head, embed, rows, batch.to(device), opt, tc.ttt_steps, tc.grad_clip, bf16)
             sched.step()
             if on_metrics:
                 on_metrics(m)
             if i % 10 == 0 or i == n_batches:
                 log.info("epoch %d batch %d/%d loss %.3f acc %s sim-accept %.2f", epoch, i,
                          n_batches, m["loss"], [round(a, 2) for a in m["acc"]], m["sim_accept_len"])
-        ev = evaluate(head, embed, rows, holdout, tc.ttt_steps, tc.seq_len, tc.batch_size)
+        ev = evaluate(head, embed, rows, holdout, tc.ttt_steps, tc.seq_len, tc.batch_size, bf16)
         history.append({"epoch": epoch, **ev})
         log.info("epoch %d done in %.0f s: held-out loss %.3f acc %s simulated acceptance length %.2f",
                  epoch, time.perf_counter() - t0, ev["loss"], [round(a, 3) for a in ev["acc"]],
@@ -109,7 +111,7 @@ def warm_start(cfg: TideConfig, prompts: list[Prompt], out_dir: str | Path,
     (and saved there when given, so a later run with other training settings can reuse them)."""
     tc = cfg.train
     device = train_device(tc.device)
-    target = load_target(replace(cfg.model, dtype=tc.gen_dtype), cfg.draft.feature_layers)
+    target = load_target(replace(cfg.model, dtype=resolve_dtype(tc.gen_dtype, device)), cfg.draft.feature_layers)
     target.model.to(device)
     t0 = time.perf_counter()
     if records_dir and any(Path(records_dir).glob("*.rec")):
