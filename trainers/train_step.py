@@ -135,7 +135,7 @@ def _precision(bf16: bool, device: torch.device):
 def train_step(head: DraftHead, embed, target_lm_rows, batch: Batch, optimizer, steps: int,
                grad_clip: float, bf16: bool = False) -> dict:
     """One optimizer step; fp32, or with bf16: the forward under bf16 autocast (about 2x faster
-    on CPUs with bf16 units, about 5x slower on CPUs without; see tide.models.bf16_is_fast)."""
+    on CPUs with bf16 units, about 5x slower on CPUs without; see tide.models.resolve_dtype)."""
     head.train()
     with _precision(bf16, target_lm_rows.device):
         loss, accs = ttt_forward(head, embed, target_lm_rows, batch, steps)

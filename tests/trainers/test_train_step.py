@@ -38,7 +38,7 @@ def _train(peaked, records, bf16: bool, steps: int = 30):
 
 
 def test_bf16_autocast_training_keeps_fp32_weights_and_learns_like_fp32(peaked, records):
-    head32, before, after32, losses32 = _train(peaked, records, bf16=False)
+    _, before, after32, losses32 = _train(peaked, records, bf16=False)
     head16, _, after16, losses16 = _train(peaked, records, bf16=True)
     assert all(p.dtype == torch.float32 for p in head16.parameters())  # master weights stay fp32
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in head16.parameters())
