@@ -11,7 +11,6 @@ Per-step top-1 accuracy acc_j gives the simulated acceptance length 1 + sum_k pr
 
 from __future__ import annotations
 
-import contextlib
 import random
 from dataclasses import dataclass
 
@@ -127,17 +126,13 @@ def simulated_accept_len(accs: list[float]) -> float:
     return total
 
 
-def _precision(bf16: bool, device: torch.device):
-    """bf16 autocast for the forward pass (weights, gradients and optimizer state stay fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
 def train_step(head: DraftHead, embed, target_lm_rows, batch: Batch, optimizer, steps: int,
                grad_clip: float, bf16: bool = False) -> dict:
     """One optimizer step; fp32, or with bf16: the forward under bf16 autocast (about 2x faster
     on CPUs with bf16 units, about 5x slower on CPUs without; see tide.models.resolve_dtype)."""
     head.train()
-    with _precision(bf16, target_lm_rows.device):
+    # weights, gradients and optimizer state stay fp32 either way
+    with torch.autocast(target_lm_rows.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss, accs = ttt_forward(head, embed, target_lm_rows, batch, steps)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -150,13 +145,13 @@ def train_step(head: DraftHead, embed, target_lm_rows, batch: Batch, optimizer, 
 
 @torch.no_grad()
 def evaluate(head: DraftHead, embed, target_lm_rows, records, steps: int, seq_len: int,
-             batch_size: int = 8, bf16: bool = False) -> dict:
-    """Token-weighted loss / accuracy / simulated acceptance length over held-out records."""
+             batch_size: int = 8) -> dict:
+    """Token-weighted loss / accuracy / simulated acceptance length over held-out records, in
+    fp32 whatever the training precision (figures compare across machines and with the gate)."""
     head.eval()
     tot_loss, tot_acc, tot = 0.0, [0.0] * steps, 0
     for batch in make_batches(records, seq_len, batch_size):
-        with _precision(bf16, target_lm_rows.device):
-            loss, accs = ttt_forward(head, embed, target_lm_rows, batch.to(target_lm_rows.device), steps)
+        loss, accs = ttt_forward(head, embed, target_lm_rows, batch.to(target_lm_rows.device), steps)
         n = batch.num_tokens
         tot_loss += float(loss) * n
         tot_acc = [t + a * n for t, a in zip(tot_acc, accs)]

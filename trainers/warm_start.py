@@ -48,7 +48,7 @@ def train_head(head, target: Target, train: list, holdout: list, cfg: TideConfig
     log.info("training in %s", "bf16 autocast" if bf16 else "fp32")
     opt = make_optimizer(head, tc.lr, tc.weight_decay)
     rng = random.Random(tc.seed)
-    history = [{"epoch": 0, **evaluate(head, embed, rows, holdout, tc.ttt_steps, tc.seq_len, tc.batch_size, bf16)}]
+    history = [{"epoch": 0, **evaluate(head, embed, rows, holdout, tc.ttt_steps, tc.seq_len, tc.batch_size)}]
     log.info("before training: held-out simulated acceptance length %.2f",
              history[0]["sim_accept_len"])
     n_batches = sum(1 for _ in make_batches(train, tc.seq_len, tc.batch_size))
@@ -63,7 +63,7 @@ def train_head(head, target: Target, train: list, holdout: list, cfg: TideConfig
             if i % 10 == 0 or i == n_batches:
                 log.info("epoch %d batch %d/%d loss %.3f acc %s sim-accept %.2f", epoch, i,
                          n_batches, m["loss"], [round(a, 2) for a in m["acc"]], m["sim_accept_len"])
-        ev = evaluate(head, embed, rows, holdout, tc.ttt_steps, tc.seq_len, tc.batch_size, bf16)
+        ev = evaluate(head, embed, rows, holdout, tc.ttt_steps, tc.seq_len, tc.batch_size)
         history.append({"epoch": epoch, **ev})
         log.info("epoch %d done in %.0f s: held-out loss %.3f acc %s simulated acceptance length %.2f",
                  epoch, time.perf_counter() - t0, ev["loss"], [round(a, 3) for a in ev["acc"]],

@@ -34,7 +34,7 @@ def _train(peaked, records, bf16: bool, steps: int = 30):
     for _ in range(steps):
         batch = next(make_batches(train, 64, 4, rng))
         losses.append(train_step(head, peaked.embed, rows, batch, opt, 3, 1.0, bf16=bf16)["loss"])
-    return head, before, evaluate(head, peaked.embed, rows, held, 3, 64, bf16=bf16), losses
+    return head, before, evaluate(head, peaked.embed, rows, held, 3, 64), losses
 
 
 def test_bf16_autocast_training_keeps_fp32_weights_and_learns_like_fp32(peaked, records):
