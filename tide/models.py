@@ -161,13 +161,14 @@ class SkinnyLinear(nn.Linear):
     to fp32 rounding.
 
     bf16 on AVX2 CPUs without AVX-512: torch multiplies one row at a time (k rows cost k steps);
-    `tide.kernels` converts each weight block to fp32 once and multiplies all rows against it,
-    accumulating in fp32 like torch's bf16 product does, so results agree to bf16 rounding. On
-    a 2-core Zen 1 EPYC (bf16 weights of the 30 layers) 4 rows cost 1.4x one row instead of 3.5x,
-    17 rows 3.3x instead of 14x, and a 256-token prefill runs 5.8x faster.
+    `tide.kernels` streams the weights once per call and multiplies every row against them in
+    fp32, accumulating in fp32 like torch's bf16 product does, so results agree to bf16 rounding.
+    On a 2-core Zen 3 EPYC (the real model, 200 tokens of context, interleaved) a pass of 2-4
+    tokens costs what a single step costs (1.20-1.35 steps with the previous kernel, 2-4 with
+    torch's), 17 tokens 2.05 steps; a single step runs ~3% faster than torch's own bf16 gemv, so
+    one-row products take the kernel too (the target alone gains as much as speculation).
 
-    One row (the target-alone step, where torch's bf16 gemv is already memory-bound) keeps the
-    stock path, and so do autograd and shapes the fast paths do not cover.
+    fp32 single rows, autograd and shapes the fast paths do not cover keep the stock path.
     """
 
     max_rows = 128
@@ -175,14 +176,16 @@ class SkinnyLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows == 1 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(rows, -1)
-        if self.weight.dtype == torch.float32 and rows <= self.max_rows:
+        if self.weight.dtype == torch.float32 and 1 < rows <= self.max_rows:
             y = torch.mm(self.weight, x2.t()).t()  # (rows, out)
         elif (self.weight.dtype == torch.bfloat16 and self.bf16_ext is not None and x.device.type == "cpu"
               and self.in_features % 8 == 0):
-            y = self.bf16_ext.bf16_linear(x2.float().contiguous(), self.weight).to(x.dtype)  # (rows, out)
+            if x2.dtype not in (torch.float32, torch.bfloat16):
+                x2 = x2.float()
+            y = self.bf16_ext.bf16_linear(x2.contiguous(), self.weight).to(x.dtype)  # (rows, out)
         else:
             return F.linear(x, self.weight, self.bias)
         if self.bias is not None:

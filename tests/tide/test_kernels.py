@@ -35,11 +35,45 @@ def test_bf16_linear_matches_fp32_product(ext, m, n, k):
 
 
 @needs_kernel
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 17, 20, 21, 64, 65])
+def test_bf16_inputs_give_the_fp32_sums_rounded_to_bf16(ext, m):
+    torch.manual_seed(m)
+    x = (torch.randn(m, 576) * torch.logspace(-3, 3, 576)).bfloat16()
+    w = torch.randn(1001, 576).bfloat16()
+    got = ext.bf16_linear(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, 1001)
+    want = ext.bf16_linear(x.float(), w).to(torch.bfloat16)  # torch's rounding of the same sums
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@needs_kernel
+def test_bf16_outputs_keep_nan_and_inf(ext):
+    w = torch.eye(8).bfloat16()
+    x = torch.tensor([[float("nan"), 0, 0, 0, 0, 0, 0, 0], [float("inf"), 0, 0, 0, 0, 0, 0, 0]])
+    got = ext.bf16_linear(x.bfloat16(), w).float()
+    assert got[0].isnan().all()  # nan * 0 is nan in every column
+    assert got[1, 0] == float("inf") and got[1, 1:].isnan().all()
+
+
+@needs_kernel
+def test_a_row_gets_the_same_bits_whatever_the_number_of_rows(ext):
+    # single steps and verify passes then round alike: both paths sum each row in the same order
+    torch.manual_seed(0)
+    x = torch.randn(70, 576).bfloat16()
+    w = torch.randn(300, 576).bfloat16()
+    alone = torch.cat([ext.bf16_linear(x[i:i + 1].contiguous(), w) for i in range(70)])
+    for m in (2, 4, 5, 17, 20, 21, 64, 70):
+        assert torch.equal(ext.bf16_linear(x[:m].contiguous(), w), alone[:m]), m
+
+
+@needs_kernel
 def test_bf16_linear_rejects_bad_shapes_and_dtypes(ext):
     with pytest.raises(RuntimeError, match="multiple of 8"):
         ext.bf16_linear(torch.randn(2, 12), torch.randn(4, 12).bfloat16())
-    with pytest.raises(RuntimeError, match="float32"):
-        ext.bf16_linear(torch.randn(2, 16).bfloat16(), torch.randn(4, 16).bfloat16())
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ext.bf16_linear(torch.randn(2, 16).half(), torch.randn(4, 16).bfloat16())
+    with pytest.raises(RuntimeError, match="w bfloat16"):
+        ext.bf16_linear(torch.randn(2, 16), torch.randn(4, 16))
     with pytest.raises(RuntimeError, match="contiguous"):
         ext.bf16_linear(torch.randn(16, 2).t(), torch.randn(4, 16).bfloat16())
 
