@@ -20,8 +20,7 @@
 
 namespace {
 
-// A tile keeps kRows x kCols accumulators, kRows weight vectors and one input vector in the 16
-// AVX2 registers; 4 x 3 measured fastest of 4x3, 4x2, 2x5 and 6x2 (Zen 1, 2 cores).
+// The buffered path's tiles: 4 x 3 measured fastest of 4x3, 4x2, 2x5 and 6x2 (Zen 1, 2 cores).
 constexpr int64_t kRows = 4;   // weight rows per block
 constexpr int64_t kCols = 3;   // input rows per tile
 constexpr int64_t kChunk = 64;  // input rows per sweep over the weights: they stay in L2
@@ -50,53 +49,34 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// out[c, r] = dot(x[c, :], wf[r, :]) for R weight rows (fp32, K contiguous) and C input rows.
-template <int R, int C>
-inline void tile(const float* x, int64_t K, const float* wf, float* out, int64_t ldo) {
-  __m256 acc[C][R];
-  for (int c = 0; c < C; ++c)
-    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
-    __m256 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(wf + r * K + k);
-    for (int c = 0; c < C; ++c) {
-      __m256 xv = _mm256_loadu_ps(x + c * K + k);
-      for (int r = 0; r < R; ++r) acc[c][r] = _mm256_fmadd_ps(wv[r], xv, acc[c][r]);
-    }
-  }
-  for (int c = 0; c < C; ++c)
-    for (int r = 0; r < R; ++r) out[c * ldo + r] = hsum(acc[c][r]);
-}
-
-template <int R>
-inline void rows_block(const float* x, int64_t M, int64_t K, const float* wf, float* out, int64_t N) {
-  int64_t m = 0;
-  for (; m + kCols <= M; m += kCols) tile<R, kCols>(x + m * K, K, wf, out + m * N, N);
-  for (; m + 2 <= M; m += 2) tile<R, 2>(x + m * K, K, wf, out + m * N, N);
-  for (; m < M; ++m) tile<R, 1>(x + m * K, K, wf, out + m * N, N);
-}
-
-// The few-row path: out[c, r] = dot(x[c, :], w[r, :]) for R bf16 weight rows widened in registers
-// and all C (<= 4) input rows. C * R accumulators + R weights + 1 input fit the 16 registers.
-// The weights stream from memory once; prefetching kPrefetch elements (4 KB) ahead of each row
-// keeps the stream going (2-core Zen 3 EPYC: the model's 210 layer products with 1-4 rows take
-// 15-18 ms with it and 20-24 ms without; torch's bf16 gemv takes 18-20 ms for one row).
+// The weights stream from memory once; in the few-row path, prefetching kPrefetch elements (4 KB)
+// ahead of each row keeps the stream going (2-core Zen 3 EPYC: the model's 210 layer products
+// with 1-4 rows take 15-18 ms with it and 20-24 ms without; torch's bf16 gemv takes 18-20 ms for
+// one row).
 constexpr int64_t kPrefetch = 2048;
 // Up to kDirectMaxRows input rows the weights are widened in registers (per tile of 4 rows);
 // beyond, widening each block once into fp32 pays (2-core Zen 3: direct is 1.5x faster at 5-8
 // rows, level at 13-17, 10-20% slower at 25-64).
 constexpr int64_t kDirectMaxRows = 20;
 
-template <int R, int C>
-inline void tile_direct(const float* x, int64_t K, const uint16_t* w, float* out, int64_t ldo) {
+// fp32 weights: a block already widened into L1. bf16 weights: widened here, prefetched ahead.
+inline __m256 load_w(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_w(const uint16_t* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch), _MM_HINT_T0);
+  return load_bf16(p);
+}
+
+// out[c, r] = dot(x[c, :], w[r, :]) for R weight rows (K contiguous) and C input rows: C * R
+// accumulators, R weight vectors and one input vector in the 16 AVX2 registers. Each output is
+// summed in the same order whatever the tile, so a row gets the same bits whatever the row count.
+template <int R, int C, typename W>
+inline void tile(const float* x, int64_t K, const W* w, float* out, int64_t ldo) {
   __m256 acc[C][R];
   for (int c = 0; c < C; ++c)
     for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 8) {
     __m256 wv[R];
-    for (int r = 0; r < R; ++r)
-      _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + kPrefetch), _MM_HINT_T0);
-    for (int r = 0; r < R; ++r) wv[r] = load_bf16(w + r * K + k);
+    for (int r = 0; r < R; ++r) wv[r] = load_w(w + r * K + k);
     for (int c = 0; c < C; ++c) {
       __m256 xv = _mm256_loadu_ps(x + c * K + k);
       for (int r = 0; r < R; ++r) acc[c][r] = _mm256_fmadd_ps(wv[r], xv, acc[c][r]);
@@ -106,30 +86,30 @@ inline void tile_direct(const float* x, int64_t K, const uint16_t* w, float* out
     for (int r = 0; r < R; ++r) out[c * ldo + r] = hsum(acc[c][r]);
 }
 
-constexpr int64_t kDirectRows = 12;  // weight rows per parallel block: whole tiles
-constexpr int kR = 2;  // weight rows per tile: measured best for 1-4 input rows (of 1, 2, 3/4, 6/4/3/2)
-
-// R weight rows against all M input rows, 4 at a time: the first tile pulls the rows into L1,
-// the others find them there.
-template <int R>
-inline void direct_tiles(const float* x, int64_t M, int64_t K, const uint16_t* w, float* out, int64_t N) {
+// R weight rows against all M input rows, C at a time, then the rest: the first tile pulls the
+// weight rows into L1, the others find them there.
+template <int R, int C, typename W>
+inline void rows_block(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t N) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile_direct<R, 4>(x + m * K, K, w, out + m * N, N);
+  for (; m + C <= M; m += C) tile<R, C>(x + m * K, K, w, out + m * N, N);
   switch (M - m) {
-    case 3: tile_direct<R, 3>(x + m * K, K, w, out + m * N, N); break;
-    case 2: tile_direct<R, 2>(x + m * K, K, w, out + m * N, N); break;
-    case 1: tile_direct<R, 1>(x + m * K, K, w, out + m * N, N); break;
+    case 3: tile<R, 3>(x + m * K, K, w, out + m * N, N); break;
+    case 2: tile<R, 2>(x + m * K, K, w, out + m * N, N); break;
+    case 1: tile<R, 1>(x + m * K, K, w, out + m * N, N); break;
     default: break;
   }
 }
+
+constexpr int64_t kDirectRows = 12;  // weight rows per parallel block: whole tiles
+constexpr int kR = 2;  // weight rows per tile: measured best for 1-4 input rows (of 1, 2, 3/4, 6/4/3/2)
 
 void direct(const float* x, int64_t M, int64_t K, const uint16_t* w, float* out, int64_t N) {
   const int64_t blocks = (N + kDirectRows - 1) / kDirectRows;
   at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
     const int64_t n1 = std::min(N, b1 * kDirectRows);
     int64_t n = b0 * kDirectRows;
-    for (; n + kR <= n1; n += kR) direct_tiles<kR>(x, M, K, w + n * K, out + n, N);
-    for (; n < n1; ++n) direct_tiles<1>(x, M, K, w + n * K, out + n, N);
+    for (; n + kR <= n1; n += kR) rows_block<kR, 4>(x, M, K, w + n * K, out + n, N);
+    for (; n < n1; ++n) rows_block<1, 4>(x, M, K, w + n * K, out + n, N);
   });
 }
 
@@ -147,9 +127,9 @@ void buffered(const float* xp, int64_t M, int64_t K, const uint16_t* wp, float* 
           for (int64_t k = 0; k < K; k += 8)
             _mm256_storeu_ps(wf.data() + r * K + k, load_bf16(wp + (n + r) * K + k));
         if (rows == kRows) {
-          rows_block<kRows>(xc, rows_in, K, wf.data(), oc + n, N);
+          rows_block<kRows, kCols>(xc, rows_in, K, wf.data(), oc + n, N);
         } else {
-          for (int64_t r = 0; r < rows; ++r) rows_block<1>(xc, rows_in, K, wf.data() + r * K, oc + n + r, N);
+          for (int64_t r = 0; r < rows; ++r) rows_block<1, kCols>(xc, rows_in, K, wf.data() + r * K, oc + n + r, N);
         }
       }
     });
