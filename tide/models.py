@@ -164,9 +164,9 @@ class SkinnyLinear(nn.Linear):
     `tide.kernels` streams the weights once per call and multiplies every row against them in
     fp32, accumulating in fp32 like torch's bf16 product does, so results agree to bf16 rounding.
     On a 2-core Zen 3 EPYC (the real model, 200 tokens of context, interleaved) a pass of 2-4
-    tokens costs what a single step costs (1.20-1.35 steps with the previous kernel, 2-4 with
-    torch's), 17 tokens 2.05 steps; a single step runs ~3% faster than torch's own bf16 gemv, so
-    one-row products take the kernel too (the target alone gains as much as speculation).
+    tokens costs what a single step costs (1.0-1.07 steps; 1.1-1.35 with the previous kernel, 2-4
+    with torch's), 17 tokens ~2.2 steps; a single step runs ~10% faster than with torch's own bf16
+    gemv, so one-row products take the kernel too (the target alone gains as much as speculation).
 
     fp32 single rows, autograd and shapes the fast paths do not cover keep the stock path.
     """
