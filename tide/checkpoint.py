@@ -76,7 +76,7 @@ def load_draft(folder: str | Path, target: Target) -> tuple[DraftHead, int]:
 def _for_target(head: DraftHead, target: Target) -> DraftHead:
     """The head in the target's dtype, with the same fast few-row products (tree drafts)."""
     head = head.to(target.dtype).eval()
-    return use_skinny_matmul(head) if target.skinny_matmul else head
+    return use_skinny_matmul(head, target.bf16_kernel) if target.skinny_matmul else head
 
 
 def state_to_bytes(head: DraftHead) -> bytes:

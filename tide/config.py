@@ -32,6 +32,11 @@ class ModelConfig:
     # fast few-row products (verify passes): fp32 as W @ x^T; bf16 on AVX2-only CPUs with
     # tide.kernels (built once); see tide.models.SkinnyLinear
     skinny_matmul: bool = True
+    # tide.kernels' bf16 products and attention (needs AVX2+FMA and skinny_matmul). auto: on CPUs
+    # without bf16 units, where torch's bf16 is slow; always: on any AVX2 CPU too, for bf16
+    # speculation bit-identical to the bf16 target alone (slower passes than AMX/AVX512-BF16);
+    # never: torch's bf16 path
+    bf16_kernel: str = "auto"
 
 
 @dataclass
@@ -190,6 +195,8 @@ def _validate(cfg: TideConfig) -> None:
     checks = [
         (cfg.model.dtype in ("bfloat16", "float32", "float16"),
          f"model.dtype must be bfloat16, float32 or float16, not {cfg.model.dtype!r}"),
+        (cfg.model.bf16_kernel in ("auto", "always", "never"),
+         f"model.bf16_kernel must be auto, always or never, not {cfg.model.bf16_kernel!r}"),
         (cfg.train.gen_dtype in ("auto", "bfloat16", "float32", "float16"),
          f"train.gen_dtype must be auto, bfloat16, float32 or float16, not {cfg.train.gen_dtype!r}"),
         (cfg.train.precision in ("auto", "bfloat16", "float32"),

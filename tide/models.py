@@ -72,6 +72,7 @@ class Target:
     model_id: str
     feature_layers: tuple[int, ...]  # indices into HF `hidden_states` (input of layer i)
     skinny_matmul: bool = False  # its linears (and its draft heads') are SkinnyLinear
+    bf16_kernel: str = "auto"  # model.bf16_kernel: where its (and its heads') bf16 take tide.kernels
 
     @property
     def config(self):
@@ -142,13 +143,15 @@ def load_target(cfg: ModelConfig, feature_layers: list[int] | tuple[int, ...] = 
         raise ModelLoadError(f"cannot load model {cfg.source!r}: {e}") from None
     model.eval().requires_grad_(False)
     if cfg.skinny_matmul:
-        use_skinny_matmul(model)
+        use_skinny_matmul(model, cfg.bf16_kernel)
+        if model.dtype == torch.bfloat16 and any(getattr(m, "bf16_ext", None) for m in model.modules()):
+            use_kernel_attention(model)
     n = model.config.num_hidden_layers
     layers = tuple(feature_layers) or default_feature_layers(n)
     if len(layers) != 3 or not all(0 <= i <= n for i in layers):
         raise ModelLoadError(f"draft.feature_layers must be 3 indices in [0, {n}], got {list(layers)}")
     return Target(model=model, tokenizer=tokenizer, model_id=model_id, feature_layers=layers,
-                  skinny_matmul=cfg.skinny_matmul)
+                  skinny_matmul=cfg.skinny_matmul, bf16_kernel=cfg.bf16_kernel)
 
 
 class SkinnyLinear(nn.Linear):
@@ -172,7 +175,7 @@ class SkinnyLinear(nn.Linear):
     """
 
     max_rows = 128
-    bf16_ext = None  # set by use_skinny_matmul where tide.kernels is needed and built
+    bf16_ext = None  # per module, set by use_skinny_matmul where tide.kernels is wanted and built
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -193,17 +196,77 @@ class SkinnyLinear(nn.Linear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def use_skinny_matmul(model: nn.Module) -> nn.Module:
-    """Make every plain nn.Linear a SkinnyLinear in place: same parameters, ties and keys."""
+def use_skinny_matmul(model: nn.Module, bf16_kernel: str = "auto") -> nn.Module:
+    """Make every plain nn.Linear a SkinnyLinear in place: same parameters, ties and keys; bf16
+    ones take `tide.kernels` where `bf16_kernel` (`model.bf16_kernel`) wants it."""
     linears = [m for m in model.modules() if type(m) is nn.Linear]
-    if any(m.weight.dtype == torch.bfloat16 for m in linears) and SkinnyLinear.bf16_ext is None:
-        from tide.kernels import bf16_kernel
+    ext = None
+    if any(m.weight.dtype == torch.bfloat16 for m in linears):
+        from tide import kernels
 
-        SkinnyLinear.bf16_ext = bf16_kernel()
+        ext = kernels.bf16_kernel(bf16_kernel)
     for module in linears:
         if module.weight.dtype == torch.bfloat16 and not module.weight.is_contiguous():
             continue  # the kernel reads the weight in place
         module.__class__ = SkinnyLinear
+        module.bf16_ext = ext
+    return model
+
+
+KERNEL_ATTENTION = "tide_kernel"
+
+
+def kernel_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                     **kwargs):
+    """transformers' attention interface over `tide.kernels`' bf16 attention (AVX2 CPUs).
+
+    Each query row is computed the same way whatever else is in the pass (torch's SDPA sums a row
+    differently for 1 query and for several), so with the kernel's linears, which are row-stable
+    too, a token gets the same bits in a single-token step, in a verify pass of any width and as
+    a tree node: bf16 speculation then emits exactly the bf16 target's tokens. What the kernel
+    does not cover (other dtypes or devices, grads, dropout, per-head masks, softcap) goes to SDPA.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tide import kernels
+
+    ext = kernels.built()
+    B, H, n, D = query.shape
+    T = key.shape[2]
+    mask = _kernel_mask(attention_mask, B, n, T)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if (ext is None or query.device.type != "cpu" or dropout or kwargs.get("softcap") is not None
+            or not all(t.dtype == torch.bfloat16 for t in (query, key, value)) or D % 8 or D > 256
+            or n > T or torch.is_grad_enabled() or mask is False or (mask is None and not causal)
+            or kwargs.get("output_attentions")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else D**-0.5
+    out = ext.bf16_attention(query.contiguous(), key.contiguous(), value.contiguous(),
+                             torch.empty(0) if mask is None else mask, float(scale))
+    return out, None
+
+
+def _kernel_mask(mask, B: int, n: int, T: int):
+    """The kernel's (B, n, T) mask from transformers' 4D one: None stays None (causal),
+    False where the kernel cannot take it (per-head masks, other shapes)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != n \
+            or mask.shape[3] != T or mask.shape[0] not in (1, B):
+        return False
+    m = mask[:, 0].expand(B, n, T)
+    return m.contiguous() if m.dtype == torch.bool else m.float().contiguous()
+
+
+def use_kernel_attention(model: nn.Module) -> nn.Module:
+    """Route a bf16 model's attention through `kernel_attention` (masks built as for SDPA)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(KERNEL_ATTENTION, kernel_attention)
+    AttentionMaskInterface.register(KERNEL_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(KERNEL_ATTENTION)
     return model
 
 

@@ -21,6 +21,7 @@ def test_defaults_and_overrides():
     (["train.gen_synth_prompts=-1"], "train.gen_synth_prompts must be >= 0"),
     (["train.precision=fp8"], "train.precision must be auto, bfloat16 or float32"),
     (["train.gen_dtype=int8"], "train.gen_dtype must be auto"),
+    (["model.bf16_kernel=yes"], "model.bf16_kernel must be auto, always or never"),
     (["decode.tree_topk=-1"], "decode.tree_topk must be >= 0"),
     (["decode.tree_tokens=0"], "decode.tree_tokens must be >= 1"),
     (["decode.tree_topk=64", "draft.vocab_size=32"], "cannot exceed draft.vocab_size"),

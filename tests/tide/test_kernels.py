@@ -10,13 +10,12 @@ from torch import nn
 import tide.kernels as kernels
 from tide.models import SkinnyLinear, use_skinny_matmul
 
-needs_kernel = pytest.mark.skipif(not kernels.needs_bf16_kernel(),
-                                  reason="the kernel is only used on x86 CPUs with AVX2 and no AVX-512")
+needs_kernel = pytest.mark.skipif(not kernels.can_run(), reason="the kernel needs an x86 CPU with AVX2")
 
 
 @pytest.fixture(scope="module")
 def ext():
-    ext = kernels.bf16_kernel()
+    ext = kernels.bf16_kernel("always")
     assert ext is not None, "the kernel failed to build on a CPU that needs it (see the log)"
     return ext
 
@@ -83,9 +82,9 @@ def test_bf16_linear_rejects_bad_shapes_and_dtypes(ext):
 def test_skinny_linear_bf16_agrees_with_stock_to_bf16_rounding(ext, rows):
     torch.manual_seed(rows)
     layer = nn.Linear(64, 96, bias=True).bfloat16().requires_grad_(False)
-    fast = use_skinny_matmul(nn.Sequential(nn.Linear(64, 96, bias=True).bfloat16()))[0].requires_grad_(False)
-    fast.load_state_dict(layer.state_dict())
-    assert type(fast) is SkinnyLinear and SkinnyLinear.bf16_ext is not None
+    fast = use_skinny_matmul(nn.Sequential(nn.Linear(64, 96, bias=True).bfloat16()), "always")[0]
+    fast.requires_grad_(False).load_state_dict(layer.state_dict())
+    assert type(fast) is SkinnyLinear and fast.bf16_ext is ext
     x = torch.randn(1, rows, 64).bfloat16()
     got, stock = fast(x), layer(x)
     want = (x.double() @ layer.weight.double().t() + layer.bias.double()).float()
@@ -97,7 +96,7 @@ def test_skinny_linear_bf16_agrees_with_stock_to_bf16_rounding(ext, rows):
 
 @needs_kernel
 def test_skinny_linear_bf16_leaves_other_devices_to_torch(ext):
-    layer = use_skinny_matmul(nn.Sequential(nn.Linear(16, 8).bfloat16()))[0].requires_grad_(False)
+    layer = use_skinny_matmul(nn.Sequential(nn.Linear(16, 8).bfloat16()), "always")[0].requires_grad_(False)
     x = torch.randn(3, 16).bfloat16().to("meta")  # stands in for a GPU tensor: the kernel reads host memory
     assert layer.to("meta")(x).device.type == "meta"
 
@@ -115,7 +114,109 @@ def test_a_kernel_that_cannot_be_built_leaves_the_stock_path(monkeypatch, caplog
     with caplog.at_level(logging.WARNING, logger="tide.kernels"):
         assert kernels.bf16_kernel() is None
     assert "kernel unavailable (RuntimeError: Error building extension" in caplog.text
-    monkeypatch.setattr(SkinnyLinear, "bf16_ext", None)
     layer = use_skinny_matmul(nn.Sequential(nn.Linear(16, 8).bfloat16()))[0].requires_grad_(False)
+    assert layer.bf16_ext is None
     x = torch.randn(3, 16).bfloat16()
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def _attention_ref(q, k, v, allowed, scale):
+    """fp64 softmax(q k^T * scale) v over the allowed keys, grouped queries."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    scores = (q.double() @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)  # (B, n, H, D)
+
+
+def _kv(b=1, hkv=3, t=40, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, hkv, t, d, generator=g).bfloat16(), torch.randn(b, hkv, t, d, generator=g).bfloat16())
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 2, 4, 17, 40])
+@pytest.mark.parametrize("d", [64, 128])
+def test_bf16_attention_matches_softmax_attention(ext, n, d):
+    k, v = _kv(t=40, d=d)
+    q = torch.randn(1, 9, n, d).bfloat16()
+    causal = torch.ones(n, 40, dtype=torch.bool).tril(40 - n)  # the last n of 40 positions
+    got = ext.bf16_attention(q, k, v, torch.empty(0), d ** -0.5)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, n, 9, d)
+    torch.testing.assert_close(got.double(), _attention_ref(q, k, v, causal, d ** -0.5), atol=1e-2, rtol=2 ** -7)
+
+
+@needs_kernel
+def test_bf16_attention_takes_bool_and_additive_masks_per_batch_row(ext):
+    k, v = _kv(b=2, t=12)
+    q = torch.randn(2, 6, 3, 64).bfloat16()
+    allowed = torch.rand(2, 3, 12) > 0.4
+    allowed[:, :, 0] = True
+    allowed[1, 2] = False  # a fully masked row (left padding): zeros, not NaN
+    want = _attention_ref(q, k, v, allowed[:, None], 0.125)
+    want[1, 2] = 0
+    got = ext.bf16_attention(q, k, v, allowed, 0.125)
+    torch.testing.assert_close(got.double(), want, atol=1e-2, rtol=2 ** -7)
+    additive = torch.zeros(2, 3, 12).masked_fill(~allowed, torch.finfo(torch.bfloat16).min)
+    assert torch.equal(ext.bf16_attention(q, k, v, additive, 0.125), got)
+
+
+@needs_kernel
+def test_a_query_row_gets_the_same_bits_in_any_pass(ext):
+    # a chain: the last token of a pass of n sees what it would see alone in a single step
+    k, v = _kv(t=50)
+    q = torch.randn(1, 9, 8, 64).bfloat16()
+    full = ext.bf16_attention(q, k, v, torch.empty(0), 0.125)
+    for i in range(8):
+        t = 50 - 8 + i + 1
+        alone = ext.bf16_attention(q[:, :, i:i + 1].contiguous(), k[:, :, :t].contiguous(),
+                                   v[:, :, :t].contiguous(), torch.empty(0), 0.125)
+        assert torch.equal(alone[:, 0], full[:, i]), i
+    # a tree node: it sees the prefix and its ancestors spread over the pass, in cache order;
+    # alone, with the same keys next to each other, it gets the same bits
+    prefix, seen = 30, [30, 33, 37, 41]
+    allowed = torch.zeros(1, 1, 50, dtype=torch.bool)
+    allowed[..., :prefix] = True
+    allowed[..., seen] = True
+    node = ext.bf16_attention(q[:, :, :1].contiguous(), k, v, allowed, 0.125)
+    keep = list(range(prefix)) + seen
+    alone = ext.bf16_attention(q[:, :, :1].contiguous(), k[:, :, keep].contiguous(), v[:, :, keep].contiguous(),
+                               torch.empty(0), 0.125)
+    assert torch.equal(node, alone)
+
+
+@needs_kernel
+def test_bf16_attention_rejects_bad_inputs(ext):
+    k, v = _kv(t=8)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ext.bf16_attention(torch.randn(1, 3, 1, 64), k, v, torch.empty(0), 0.125)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        ext.bf16_attention(torch.randn(1, 4, 1, 64).bfloat16(), k, v, torch.empty(0), 0.125)
+    with pytest.raises(RuntimeError, match="mask must be"):
+        ext.bf16_attention(torch.randn(1, 3, 2, 64).bfloat16(), k, v, torch.ones(1, 2, 7, dtype=torch.bool), 0.125)
+    with pytest.raises(RuntimeError, match="more queries than keys"):
+        ext.bf16_attention(torch.randn(1, 3, 9, 64).bfloat16(), k, v, torch.empty(0), 0.125)
+
+
+@needs_kernel
+def test_a_llama_on_the_kernel_attention_agrees_with_sdpa_and_falls_back_where_it_must(ext):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tide.models import KERNEL_ATTENTION, use_kernel_attention
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).bfloat16().eval()
+    ids = torch.randint(0, 128, (2, 9))
+    pad = torch.ones(2, 9, dtype=torch.long)
+    pad[1, :3] = 0  # left padding: the mask reaches the kernel as a (B, n, T) bool mask
+    with torch.no_grad():
+        want = model(ids, attention_mask=pad).logits
+        use_kernel_attention(model)
+        assert model.config._attn_implementation == KERNEL_ATTENTION
+        got = model(ids, attention_mask=pad).logits
+        torch.testing.assert_close(got[0].float(), want[0].float(), atol=0.05, rtol=0.02)
+        torch.testing.assert_close(got[1, 3:].float(), want[1, 3:].float(), atol=0.05, rtol=0.02)
+    grads = model(ids).logits  # grad enabled: SDPA (the kernel has no backward)
+    assert grads.requires_grad

@@ -1,12 +1,17 @@
-"""tide's one native kernel: few-row products with bf16 weights on CPUs without bf16 units.
+"""tide's one native extension: bf16 products and attention on x86 CPUs with AVX2+FMA.
 
 On AVX2 CPUs without AVX-512 (most desktop and many cloud x86 parts), torch's bf16 matmul
 converts and multiplies one input row at a time, so a verify pass of k tokens costs about k
 single-token steps and speculation in bf16 cannot pay (measured: 0.79x on a 2-core EPYC).
-`bf16_gemm.cpp` converts each block of weight rows to fp32 once and multiplies all input rows
-against it, so the weights stream from memory once per pass. It is built on first use with
-torch's extension builder (gcc and ninja; ~30 s, cached under ~/.cache/torch_extensions) and
-used only where torch has no fast bf16 path; where it cannot be built, the stock path runs.
+`bf16_gemm.cpp` streams the weights once per call and multiplies all input rows against them
+(`bf16_linear`), and computes attention one query row at a time from the keys it sees
+(`bf16_attention`). Both give a row the same bits whatever else is in the pass, which torch's
+bf16 kernels do not: with them bf16 speculation emits exactly the bf16 target's tokens.
+
+`model.bf16_kernel` chooses where it runs: `auto` where torch has no fast bf16 path (AVX2
+without bf16 units), `always` on any AVX2 CPU (exact bf16 where AMX/AVX512-BF16 would be
+faster), `never`. It is built on first use with torch's extension builder (gcc and ninja; ~30 s,
+cached under ~/.cache/torch_extensions); where it cannot be built, the stock path runs.
 """
 
 from __future__ import annotations
@@ -26,24 +31,41 @@ _ext = None
 _tried = False
 
 
+def can_run() -> bool:
+    """x86 with AVX2 and FMA (torch's AVX2 or AVX-512 build of its CPU kernels)."""
+    return (platform.machine().lower() in ("x86_64", "amd64")
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
 def needs_bf16_kernel() -> bool:
     """True on x86 CPUs with AVX2 but no AVX-512: there torch's bf16 matmul runs row by row."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    if torch.backends.cpu.get_cpu_capability() != "AVX2":
+    if not can_run() or torch.backends.cpu.get_cpu_capability() != "AVX2":
         return False  # AVX-512 CPUs: oneDNN's bf16 path is fast
     return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def bf16_kernel():
-    """The compiled extension (with `bf16_linear(x_fp32, w_bf16)`), or None where unusable."""
+def wanted(mode: str = "auto") -> bool:
+    """`model.bf16_kernel`: auto = where torch's bf16 is slow, always = any AVX2 CPU, never."""
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"bf16_kernel mode must be auto, always or never, not {mode!r}")
+    return mode == "always" and can_run() or mode == "auto" and needs_bf16_kernel()
+
+
+def built():
+    """The extension if an earlier `bf16_kernel` call built it, else None."""
+    return _ext
+
+
+def bf16_kernel(mode: str = "auto"):
+    """The compiled extension (`bf16_linear`, `bf16_attention`) where `mode` wants it and it
+    builds, else None."""
     global _ext, _tried
+    if not wanted(mode):
+        return None
     with _lock:
         if _tried:
             return _ext
         _tried = True
-        if not needs_bf16_kernel():
-            return None
         try:
             import ninja
             from torch.utils.cpp_extension import load

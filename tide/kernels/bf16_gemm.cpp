@@ -1,4 +1,5 @@
-// y = x @ w^T for bf16 weights on CPUs with AVX2+FMA but no bf16 units (no AVX512-BF16/AMX).
+// y = x @ w^T for bf16 weights on CPUs with AVX2+FMA but no bf16 units (no AVX512-BF16/AMX),
+// and bf16 attention whose query rows do not depend on the pass (bf16_attention, at the end).
 //
 // There, torch's bf16 matmul converts and multiplies one input row at a time: k rows cost k
 // single-row steps, so a k-token verify pass costs k target steps and speculation cannot pay.
@@ -15,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -179,6 +182,142 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w) {
   return y;
 }
 
+namespace {
+
+// e^x for 8 floats (Cephes' polynomial, as in avx_mathfun; ~1 ulp over the softmax's range
+// x <= 0). Every element goes through this same code, whatever its lane.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(0x7f)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+constexpr int64_t kMaxHeadDim = 256;
+
+// One query row of one head: softmax(q . k_j * scale + bias_j) over the visible keys j, times V.
+// The result depends only on the visible keys' (k_j, v_j, bias_j) in cache order: each score is
+// one fixed-order dot product, the exponentials are elementwise, and the softmax sum and the
+// weighted sum of values run over the visible keys one after another. So a token's row gets the
+// same bits in a single-token step, in a verify pass of any width, or as a tree node that sees
+// the same keys; this is what makes bf16 speculation token-identical to the bf16 target alone.
+void attend_row(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, int64_t D, float scale,
+                const bool* allowed, const float* bias, int64_t visible_to, float* s, int32_t* idx,
+                uint16_t* out) {
+  int64_t cnt = 0;
+  for (int64_t j = 0; j < T; ++j) {
+    if (allowed ? allowed[j] : (bias ? bias[j] > -1e30f : j <= visible_to)) idx[cnt++] = static_cast<int32_t>(j);
+  }
+  // scores, 4 keys at a time for independent FMA chains; each key's own sum is the same sequence
+  // of operations whichever group it falls in
+  int64_t j = 0;
+  for (; j + 4 <= cnt; j += 4) {
+    const uint16_t* k0 = k + static_cast<int64_t>(idx[j]) * D;
+    const uint16_t* k1 = k + static_cast<int64_t>(idx[j + 1]) * D;
+    const uint16_t* k2 = k + static_cast<int64_t>(idx[j + 2]) * D;
+    const uint16_t* k3 = k + static_cast<int64_t>(idx[j + 3]) * D;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t c = 0; c < D; c += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + c);
+      a0 = _mm256_fmadd_ps(qv, load_bf16(k0 + c), a0);
+      a1 = _mm256_fmadd_ps(qv, load_bf16(k1 + c), a1);
+      a2 = _mm256_fmadd_ps(qv, load_bf16(k2 + c), a2);
+      a3 = _mm256_fmadd_ps(qv, load_bf16(k3 + c), a3);
+    }
+    s[j] = hsum(a0) * scale;
+    s[j + 1] = hsum(a1) * scale;
+    s[j + 2] = hsum(a2) * scale;
+    s[j + 3] = hsum(a3) * scale;
+  }
+  for (; j < cnt; ++j) {
+    const uint16_t* kj = k + static_cast<int64_t>(idx[j]) * D;
+    __m256 a0 = _mm256_setzero_ps();
+    for (int64_t c = 0; c < D; c += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), load_bf16(kj + c), a0);
+    s[j] = hsum(a0) * scale;
+  }
+  float mx = -INFINITY;
+  for (j = 0; j < cnt; ++j) {
+    if (bias) s[j] += bias[idx[j]];
+    mx = std::max(mx, s[j]);
+  }
+  if (cnt == 0) {  // a fully masked row (padding): zeros, as a defined value
+    for (int64_t c = 0; c < D; ++c) out[c] = 0;
+    return;
+  }
+  const __m256 vmx = _mm256_set1_ps(mx);
+  for (int64_t j = 0; j < cnt; j += 8) _mm256_storeu_ps(s + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vmx)));
+  float denom = 0.f;
+  __m256 acc[kMaxHeadDim / 8];
+  const int64_t nv = D / 8;
+  for (int64_t c = 0; c < nv; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < cnt; ++j) {
+    denom += s[j];
+    const __m256 p = _mm256_set1_ps(s[j]);
+    const uint16_t* vj = v + static_cast<int64_t>(idx[j]) * D;
+    for (int64_t c = 0; c < nv; ++c) acc[c] = _mm256_fmadd_ps(p, load_bf16(vj + c * 8), acc[c]);
+  }
+  const __m256 vd = _mm256_set1_ps(denom);
+  for (int64_t c = 0; c < nv; ++c) store_bf16(out + c * 8, _mm256_div_ps(acc[c], vd));
+}
+
+}  // namespace
+
+// q: (B, H, n, D) bf16; k, v: (B, Hkv, T, D) bf16 (H a multiple of Hkv: grouped queries);
+// mask: empty (causal: row i sees keys 0..T-n+i), or (B, n, T) bool (true = attend) or float32
+// (additive; < -1e30 = masked). Returns (B, n, H, D) bf16, the layout attention modules expect.
+torch::Tensor bf16_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                             const torch::Tensor& mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "bf16_attention: q, k, v must be 4-D");
+  TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && k.scalar_type() == torch::kBFloat16 &&
+                  v.scalar_type() == torch::kBFloat16, "bf16_attention: q, k, v must be bfloat16");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "bf16_attention: inputs must be contiguous");
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), D = q.size(3), Hkv = k.size(1), T = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == T && k.size(3) == D &&
+                  v.size(3) == D && Hkv > 0 && H % Hkv == 0, "bf16_attention: q, k, v shapes do not match");
+  TORCH_CHECK(D % 8 == 0 && D <= kMaxHeadDim, "bf16_attention: head dim must be a multiple of 8, at most 256");
+  TORCH_CHECK(n <= T, "bf16_attention: more queries than keys");
+  const bool has_mask = mask.numel() > 0;
+  if (has_mask) {
+    TORCH_CHECK(mask.dim() == 3 && mask.size(0) == B && mask.size(1) == n && mask.size(2) == T &&
+                    mask.is_contiguous() && (mask.scalar_type() == torch::kBool || mask.scalar_type() == torch::kFloat),
+                "bf16_attention: mask must be (B, n, T) bool or float32, contiguous");
+  }
+  const bool* mb = has_mask && mask.scalar_type() == torch::kBool ? mask.data_ptr<bool>() : nullptr;
+  const float* mf = has_mask && mask.scalar_type() == torch::kFloat ? mask.data_ptr<float>() : nullptr;
+  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  auto out = torch::empty({B, n, H, D}, q.options());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t group = H / Hkv;
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * H * n, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(T + 8), qf(D);
+    std::vector<int32_t> idx(T);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (H * n), h = (t / n) % H, i = t % n;
+      const uint16_t* qr = qp + ((b * H + h) * n + i) * D;
+      for (int64_t c = 0; c < D; c += 8) _mm256_storeu_ps(qf.data() + c, load_bf16(qr + c));
+      const int64_t kv = (b * Hkv + h / group) * T * D;
+      const int64_t row = (b * n + i) * T;
+      attend_row(qf.data(), kp + kv, vp + kv, T, D, sc, mb ? mb + row : nullptr, mf ? mf + row : nullptr,
+                 T - n + i, s.data(), idx.data(), op + ((b * n + i) * H + h) * D);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear", &bf16_linear, "x (M, K) fp32 or bf16 @ w (N, K) bf16 ^T -> (M, N) in x's dtype");
+  m.def("bf16_attention", &bf16_attention, "softmax(q k^T * scale + mask) v, bf16, rows independent of n");
 }
