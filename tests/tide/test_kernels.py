@@ -220,3 +220,19 @@ def test_a_llama_on_the_kernel_attention_agrees_with_sdpa_and_falls_back_where_i
         torch.testing.assert_close(got[1, 3:].float(), want[1, 3:].float(), atol=0.05, rtol=0.02)
     grads = model(ids).logits  # grad enabled: SDPA (the kernel has no backward)
     assert grads.requires_grad
+
+
+@needs_kernel
+@pytest.mark.parametrize("h,hkv,n", [(4, 4, 2), (8, 2, 3), (10, 2, 1), (16, 2, 4), (3, 1, 1), (9, 3, 17)])
+def test_heads_computed_together_get_the_bits_of_a_head_alone(ext, h, hkv, n):
+    # the kernel takes up to 4 heads of a group per task; grouping must not change a head's sums
+    k, v = _kv(hkv=hkv, t=30, seed=h)
+    q = torch.randn(1, h, n, 64).bfloat16()
+    got = ext.bf16_attention(q, k, v, torch.empty(0), 0.125)
+    causal = torch.ones(n, 30, dtype=torch.bool).tril(30 - n)
+    torch.testing.assert_close(got.double(), _attention_ref(q, k, v, causal, 0.125), atol=1e-2, rtol=2 ** -7)
+    g = h // hkv
+    for head in range(h):
+        alone = ext.bf16_attention(q[:, head:head + 1].contiguous(), k[:, head // g:head // g + 1].contiguous(),
+                                   v[:, head // g:head // g + 1].contiguous(), torch.empty(0), 0.125)
+        assert torch.equal(alone[:, :, 0], got[:, :, head]), head
