@@ -236,3 +236,35 @@ def test_heads_computed_together_get_the_bits_of_a_head_alone(ext, h, hkv, n):
         alone = ext.bf16_attention(q[:, head:head + 1].contiguous(), k[:, head // g:head // g + 1].contiguous(),
                                    v[:, head // g:head // g + 1].contiguous(), torch.empty(0), 0.125)
         assert torch.equal(alone[:, :, 0], got[:, :, head]), head
+
+
+@needs_kernel
+def test_a_bf16_draft_head_attends_on_the_kernel_like_on_sdpa(ext):
+    import copy
+
+    from tests.conftest import tiny_target
+    from tide.checkpoint import new_head
+    from tide.draft_head import DraftCache
+
+    target = tiny_target(hidden=128)  # head dim 32
+    stock = new_head(target, 32, token_counts=torch.arange(96).flip(0), seed=0)
+    with torch.no_grad():
+        for p in stock.midlayer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    stock = stock.to(torch.bfloat16).eval()
+    fast = use_skinny_matmul(copy.deepcopy(stock), "always")
+    assert fast.midlayer.self_attn.q_proj.bf16_ext is ext
+    hidden, embeds = torch.randn(1, 9, 128).bfloat16(), torch.randn(1, 9, 128).bfloat16()
+    tree = torch.ones(3, 9, dtype=torch.bool)
+    tree[0, 7:], tree[1, 8] = False, False  # nodes that see only their own branch
+    with torch.no_grad():
+        for mask in (None, tree):
+            n = 9 if mask is None else 3
+            outs = []
+            for head in (stock, fast):
+                cache = DraftCache()
+                if n < 9:  # the tree's prefix first
+                    head(hidden[:, :9 - n], embeds[:, :9 - n], torch.arange(9 - n), cache)
+                pos = torch.arange(9 - n, 9)
+                outs.append(head(hidden[:, 9 - n:], embeds[:, 9 - n:], pos, cache, attn_mask=mask)[0])
+            torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=0.05, rtol=0.02)
