@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tide import kernels
+
 
 @dataclass
 class DraftHeadConfig:
@@ -129,8 +131,7 @@ class DraftAttention(nn.Module):
             k_all, v_all = cache.append(k, v) if cache is not None else (k, v)
             S = k_all.shape[2]
             ext = getattr(self.q_proj, "bf16_ext", None)  # tide.kernels where the target uses it
-            if ext is not None and q.dtype == k_all.dtype == torch.bfloat16 and q.device.type == "cpu" \
-                    and not torch.is_grad_enabled() and self.hd % 8 == 0 and self.hd <= 256:
+            if ext is not None and kernels.attention_fits(q, k_all, v_all):
                 m = torch.empty(0) if attn_mask is None else attn_mask.expand(B, T, S).contiguous()
                 out = ext.bf16_attention(q.contiguous(), k_all.contiguous(), v_all.contiguous(), m, self.hd**-0.5)
                 return self.o_proj(out.reshape(B, T, self.nh * self.hd)), (k, v)

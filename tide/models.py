@@ -230,19 +230,16 @@ def kernel_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
     from tide import kernels
 
-    ext = kernels.built()
     B, H, n, D = query.shape
-    T = key.shape[2]
-    mask = _kernel_mask(attention_mask, B, n, T)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if (ext is None or query.device.type != "cpu" or dropout or kwargs.get("softcap") is not None
-            or not all(t.dtype == torch.bfloat16 for t in (query, key, value)) or D % 8 or D > 256
-            or n > T or torch.is_grad_enabled() or mask is False or (mask is None and not causal)
-            or kwargs.get("output_attentions")):
+    fits = (kernels.attention_fits(query, key, value) and not dropout and kwargs.get("softcap") is None
+            and not kwargs.get("output_attentions"))
+    mask = _kernel_mask(attention_mask, B, n, key.shape[2]) if fits else False
+    if mask is False or (mask is None and not causal):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else D**-0.5
-    out = ext.bf16_attention(query.contiguous(), key.contiguous(), value.contiguous(),
+    out = kernels.built().bf16_attention(query.contiguous(), key.contiguous(), value.contiguous(),
                              torch.empty(0) if mask is None else mask, float(scale))
     return out, None
 

@@ -56,6 +56,15 @@ def built():
     return _ext
 
 
+def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `bf16_attention` takes these (B, H, n, D) queries and (B, Hkv, T, D) keys/values:
+    the extension built, bf16 host tensors, no autograd, a head dim it covers, n <= T."""
+    D = q.shape[-1]
+    return (_ext is not None and q.device.type == "cpu" and not torch.is_grad_enabled()
+            and q.dtype == k.dtype == v.dtype == torch.bfloat16 and D % 8 == 0 and D <= 256
+            and q.shape[2] <= k.shape[2])
+
+
 def bf16_kernel(mode: str = "auto"):
     """The compiled extension (`bf16_linear`, `bf16_attention`) where `mode` wants it and it
     builds, else None."""
