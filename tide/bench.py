@@ -51,10 +51,14 @@ class _Spec:
     prefill_s: float = 0.0
     exact: int = 0
     n: int = 0
+    lookup_passes: int = 0
+    lookup_accepted: int = 0
 
     def add(self, g, seconds: float, exact: bool) -> None:
         self.tally.add(len(g.tokens), seconds)
         self.passes += g.passes
+        self.lookup_passes += g.lookup_passes
+        self.lookup_accepted += g.lookup_accepted
         self.accepted += g.accepted
         self.drafted += g.drafted
         self.per_pos = g.accepted_per_pos if self.per_pos is None else [
@@ -72,6 +76,12 @@ class _Spec:
 
     def summary(self, base: _Tally) -> dict:
         p = max(self.passes, 1)
+        lookup = {}
+        if self.lookup_passes:  # prompt lookup drafted these passes, the head the others
+            lp, hp = self.lookup_passes, self.passes - self.lookup_passes
+            lookup = {"lookup_pass_share": round(lp / p, 3),
+                      "lookup_accept_len": round((self.lookup_accepted + lp) / lp, 3),
+                      "head_accept_len": round((self.accepted - self.lookup_accepted + hp) / hp, 3) if hp else None}
         return {
             "spec_tok_s": round(self.tally.tok_s, 2),
             "baseline_tok_s": round(base.tok_s, 2),
@@ -80,6 +90,7 @@ class _Spec:
             "accept_rate_per_pos": [round(a / p, 3) for a in (self.per_pos or [])],
             "exact_prompts": self.exact,
             "n_prompts": self.n,
+            **lookup,
         }
 
 
@@ -104,7 +115,8 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
               peer: str | None = None, spec_both: bool = False, chain_k: int | None = None) -> dict:
     """`spec_both` also speculates with the target in the other dtype (same head, same prompts,
     interleaved): which dtype wins depends on the CPU (bf16 units or not). `chain_k` also
-    speculates with a chain of that many draft tokens (same head): a tree's reference."""
+    speculates with the head alone as a chain of that many draft tokens (no tree, no prompt
+    lookup): the reference for a tree or for lookup beside the head."""
     params = cfg.decode
     greedy = params.temperature == 0
     target = load_target(cfg.model, cfg.draft.feature_layers)
@@ -120,7 +132,7 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
             other, cfg.draft.vocab_size, seed=cfg.draft.seed)
     base, alt, peer_t = _Tally(), _Tally(), _Tally()
     spec, alt_spec, chain = _Spec(), _Spec(), _Spec()
-    chain_params = replace(params, k=chain_k, tree_topk=0) if chain_k else None
+    chain_params = replace(params, k=chain_k, tree_topk=0, lookup_ngram=0) if chain_k else None
     per_wl: dict[str, tuple[_Tally, _Spec, _Spec]] = defaultdict(lambda: (_Tally(), _Spec(), _Spec()))
     items = [(name, p) for name, ps in workloads.items() for p in ps]
     for i, (name, prompt) in enumerate(items):

@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--spec-both-dtypes", action="store_true",
                    help="also speculate with the target in the other dtype (fp32 <-> bf16)")
     b.add_argument("--chain", type=int, metavar="K",
-                   help="with a draft tree (decode.tree_topk > 1): also speculate with a chain of K tokens")
+                   help="also speculate with the head alone, a chain of K tokens (the reference for "
+                        "a draft tree, decode.tree_topk > 1, or prompt lookup, decode.lookup_ngram > 0)")
     b.add_argument("--json", required=True, help="write the results here")
     _common(b)
     u = sub.add_parser("up", help="start Redis, Ray, serving actors, trainer, HTTP and W&B")

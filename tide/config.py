@@ -55,6 +55,11 @@ class DecodeConfig:
     # each of k steps and verifies the tree_tokens most probable in one pass; 0 or 1: a chain
     tree_topk: int = 0
     tree_tokens: int = 16
+    # prompt lookup beside the head (tide.lookup): when the last n tokens, n from lookup_ngram
+    # down to lookup_min_ngram, occurred before, the k tokens that followed are checked instead
+    # of the head's draft; 0 = off
+    lookup_ngram: int = 0
+    lookup_min_ngram: int = 2
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -206,6 +211,9 @@ def _validate(cfg: TideConfig) -> None:
         (d.k >= 1, f"decode.k must be >= 1, not {d.k}"),
         (d.tree_topk >= 0, f"decode.tree_topk must be >= 0, not {d.tree_topk}"),
         (d.tree_tokens >= 1, f"decode.tree_tokens must be >= 1, not {d.tree_tokens}"),
+        (d.lookup_ngram >= 0, f"decode.lookup_ngram must be >= 0 (0 = off), not {d.lookup_ngram}"),
+        (d.lookup_ngram == 0 or 1 <= d.lookup_min_ngram <= d.lookup_ngram,
+         f"decode.lookup_min_ngram must be in [1, decode.lookup_ngram], not {d.lookup_min_ngram}"),
         (d.tree_topk <= cfg.draft.vocab_size,
          f"decode.tree_topk ({d.tree_topk}) cannot exceed draft.vocab_size ({cfg.draft.vocab_size})"),
         (d.max_new_tokens >= 1, f"decode.max_new_tokens must be >= 1, not {d.max_new_tokens}"),

@@ -27,6 +27,7 @@ from transformers import DynamicCache
 from tide.config import DecodeConfig
 from tide.draft_head import DraftCache, DraftHead
 from tide.errors import TideError
+from tide.lookup import lookup_draft
 from tide.models import Target
 from tide.rejection import accept_greedy, accept_sampling, target_probs
 from tide.tree import DraftTree, accept_tree_greedy, keep_cache_rows, propose_tree, tree_attention_mask
@@ -45,6 +46,8 @@ class Generation:
     accepted: int = 0  # draft tokens accepted
     passes: int = 0  # verify passes
     accepted_per_pos: list[int] = field(default_factory=list)  # (k,) accepted count at position i
+    lookup_passes: int = 0  # verify passes that checked prompt-lookup tokens instead of the head's
+    lookup_accepted: int = 0  # draft tokens of those passes accepted
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -120,12 +123,13 @@ def prefill(target: Target, prompt_ids: list[int], params: DecodeConfig, gen, hi
 
 
 def feed_pending(head: DraftHead, embed, s: _State) -> torch.Tensor:
-    """Run the draft over the newly verified positions; returns its last output (1, 1, H), which
-    predicts the first draft token."""
+    """Run the draft over the verified positions it has not read yet (they pile up while prompt
+    lookup drafts); returns its last output (1, 1, H), which predicts the first draft token."""
     start = s.length - s.pending_tokens.shape[0]
     positions = torch.arange(start, s.length)
     out, _ = head(head.fuse(s.pending_features[None]), embed(s.pending_tokens[None]), positions,
                   s.draft_cache)
+    s.pending_features, s.pending_tokens = s.pending_features[:0], s.pending_tokens[:0]
     return out[:, -1:]
 
 
@@ -180,17 +184,18 @@ def accept(out: TargetOut, draft_tokens, draft_probs, params: DecodeConfig, gen)
 
 def commit(s: _State, out: TargetOut, rows: list[int], accepted: torch.Tensor, z: int, capture: bool):
     """Keep the verified positions in both caches: `rows` of the verify input (y, then the
-    accepted draft tokens `accepted`; a prefix for a chain, a path for a tree). They become the
-    draft's pending entries."""
+    accepted draft tokens `accepted`; a prefix for a chain, a path for a tree). They join the
+    draft's pending entries (after those it has not read, when the head sat this pass out)."""
     keep_cache_rows(s.target_cache, s.length, rows)
     s.draft_cache.crop(s.length)
-    s.pending_features = out.features[rows]
-    s.pending_tokens = torch.cat((accepted, torch.tensor([z])))
+    features, tokens = out.features[rows], torch.cat((accepted, torch.tensor([z])))
+    s.pending_features = torch.cat((s.pending_features, features))
+    s.pending_tokens = torch.cat((s.pending_tokens, tokens))
     if capture:
-        s.captured.append((s.pending_features, out.final_hidden[rows]))
+        s.captured.append((features, out.final_hidden[rows]))
     s.length += len(rows)
     s.next_token = z
-    s.sequence.extend(s.pending_tokens.tolist())
+    s.sequence.extend(tokens.tolist())
 
 
 class _Emitter:
@@ -237,7 +242,21 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
             reason = "length"
             break
         t0 = time.perf_counter()
-        if tree:
+        looked = lookup_draft(torch.tensor(s.sequence), params.lookup_ngram, params.lookup_min_ngram,
+                              k) if params.lookup_ngram else None
+        if looked is not None:  # copied tokens: the head sits this pass out
+            probs = None
+            if params.temperature > 0:  # a draft distribution with all its mass on the copy
+                probs = torch.zeros(len(looked), head.config.target_vocab_size)
+                probs[torch.arange(len(looked)), looked] = 1.0
+            t1 = time.perf_counter()
+            out = verify(target, s, looked)
+            a, z = accept(out, looked, probs, params, gen)
+            drafted = len(looked)
+            commit(s, out, list(range(a + 1)), looked[:a], z, capture)
+            g.lookup_passes += 1
+            g.lookup_accepted += a
+        elif tree:
             dt = propose_tree(head, embed, feed_pending(head, embed, s), s.draft_cache, s.length, k,
                               params.tree_topk, min(params.tree_tokens, max_context - s.length - 1))
             t1 = time.perf_counter()

@@ -38,3 +38,15 @@ def test_bench_compares_a_tree_with_its_chain(tiny_model_dir):
     assert out["chain"]["k"] == 2 and len(out["chain"]["accept_rate_per_pos"]) == 2
     assert 1.0 <= out["chain"]["mean_accept_len"] <= 3.0 and 1.0 <= out["mean_accept_len"] <= 4.0
     assert set(out["chain"]["per_workload"]) == {"a"} and out["chain"]["cost_ms"]["verify_per_pass"] > 0
+
+
+def test_bench_reports_lookup_beside_the_head_against_the_head_alone(tiny_model_dir):
+    cfg = load_config(overrides=[f"model.source={tiny_model_dir}", "model.dtype=float32", "decode.k=3",
+                                 "decode.lookup_ngram=2", "decode.lookup_min_ngram=1",
+                                 "decode.max_new_tokens=16"])
+    workloads = {"a": [Prompt("one two three one two three one two", chat=False)]}
+    out = run_bench(cfg, workloads, None, chain_k=3)
+    assert out["exact_match"] is True and out["chain"]["exact_prompts"] == 1
+    assert 0 < out["lookup_pass_share"] <= 1 and out["lookup_accept_len"] >= 1.0
+    assert "lookup_pass_share" not in out["chain"]  # the reference is the head alone
+    assert out["per_workload"]["a"]["lookup_pass_share"] == out["lookup_pass_share"]

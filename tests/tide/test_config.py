@@ -25,6 +25,9 @@ def test_defaults_and_overrides():
     (["decode.tree_topk=-1"], "decode.tree_topk must be >= 0"),
     (["decode.tree_tokens=0"], "decode.tree_tokens must be >= 1"),
     (["decode.tree_topk=64", "draft.vocab_size=32"], "cannot exceed draft.vocab_size"),
+    (["decode.lookup_ngram=-1"], "decode.lookup_ngram must be >= 0"),
+    (["decode.lookup_ngram=3", "decode.lookup_min_ngram=4"], "decode.lookup_min_ngram must be in"),
+    (["decode.lookup_ngram=3", "decode.lookup_min_ngram=0"], "decode.lookup_min_ngram must be in"),
 ])
 def test_bad_overrides_fail_clearly(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -120,8 +120,11 @@ def _exact_marginals(target, prompt, V):
     return m2, m3
 
 
-def test_sampling_end_to_end_matches_target_distribution():
-    """Tokens 2 and 3 go through draft + rejection; their marginals must equal the target's."""
+@pytest.mark.parametrize("lookup", [0, 1])
+def test_sampling_end_to_end_matches_target_distribution(lookup):
+    """Tokens 2 and 3 go through draft + rejection; their marginals must equal the target's.
+    With lookup, drafts copied from the prompt (a point-mass draft distribution) take turns with
+    the head's."""
     V = 10
     target = tiny_target(vocab=V, init=0.4, seed=1)
     target.model.generation_config.eos_token_id = None  # no early stop: every run yields 3 tokens
@@ -131,16 +134,19 @@ def test_sampling_end_to_end_matches_target_distribution():
     m2, m3 = _exact_marginals(target, prompt, V)
     n = 2500
     c2, c3 = torch.zeros(V), torch.zeros(V)
-    accepted = 0
+    accepted = looked = passes = 0
     for i in range(n):
-        g = speculative_generate(target, head, prompt, DecodeConfig(k=2, max_new_tokens=3,
-                                                                    temperature=1.0, seed=i))
+        g = speculative_generate(target, head, prompt, DecodeConfig(
+            k=2, max_new_tokens=3, temperature=1.0, seed=i, lookup_ngram=lookup, lookup_min_ngram=1))
         c2[g.tokens[1]] += 1
         c3[g.tokens[2]] += 1
         accepted += g.accepted
+        looked += g.lookup_passes
+        passes += g.passes
     tv2 = 0.5 * float((c2 / n - m2).abs().sum())
     tv3 = 0.5 * float((c3 / n - m3).abs().sum())
     assert 0 < accepted < n * 2  # both accept and reject paths were exercised
+    assert (0 < looked < passes) if lookup else looked == 0, (looked, passes)  # lookup: both kinds
     assert tv2 < 0.05 and tv3 < 0.05, (tv2, tv3)  # noise alone gives ~0.02 at n=2500, V=10
 
 

@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from tests.tide.test_speculative import _good_head, _noisy_head
+from tide.config import DecodeConfig
+from tide.lookup import lookup_draft
+from tide.speculative import accept, commit, feed_pending, speculative_generate, start, target_generate, verify
+
+
+def _t(*ids):
+    return torch.tensor(ids)
+
+
+def test_copies_what_followed_the_suffix():
+    assert lookup_draft(_t(1, 2, 3, 4, 5, 9, 2, 3), 3, 2, 3).tolist() == [4, 5, 9]
+    # fewer tokens when the occurrence is near the end
+    assert lookup_draft(_t(1, 2, 3, 1, 2), 3, 2, 5).tolist() == [3, 1, 2]
+
+
+def test_longest_suffix_wins_over_a_more_recent_shorter_one():
+    # "7 8" occurs at the end of ...5 7 8 | 1 and of 6 7 8 | 2; the 3-gram "6 7 8" decides
+    seq = _t(6, 7, 8, 2, 0, 5, 7, 8, 1, 0, 6, 7, 8)
+    assert lookup_draft(seq, 3, 2, 2).tolist() == [2, 0]
+    assert lookup_draft(seq, 2, 2, 2).tolist() == [1, 0]  # 2-grams only: the most recent
+
+
+def test_prefers_the_most_recent_occurrence_with_k_tokens_after_it():
+    seq = _t(7, 7, 7, 7, 7, 7)
+    assert lookup_draft(seq, 2, 1, 3).tolist() == [7, 7, 7]
+    # "4" at 0 and 4, both with 3 tokens after: the later
+    assert lookup_draft(_t(4, 1, 2, 9, 4, 3, 8, 4), 1, 1, 3).tolist() == [3, 8, 4]
+    # "4" at 0 (3 tokens after) and 4 (2 after): the one with 3
+    assert lookup_draft(_t(4, 1, 2, 9, 4, 3, 4), 1, 1, 3).tolist() == [1, 2, 9]
+    # none with 3 tokens after: the latest
+    assert lookup_draft(_t(9, 4, 3, 4), 1, 1, 3).tolist() == [3, 4]
+
+
+def test_no_match_no_draft():
+    assert lookup_draft(_t(1, 2, 3, 4), 3, 2, 4) is None  # no suffix repeats
+    assert lookup_draft(_t(1, 2, 3, 2), 3, 2, 4) is None  # a 1-gram repeats, 2-grams do not
+    assert lookup_draft(_t(1, 2, 3, 2), 3, 1, 4).tolist() == [3, 2]
+    assert lookup_draft(_t(5), 3, 1, 4) is None  # nothing before the next token
+
+
+def _repetitive_prompts():
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        motif = torch.randint(1, 90, (4 + i,), generator=g).tolist()
+        yield motif * 3 + motif[:2]
+
+
+@pytest.mark.parametrize("tree_topk", [0, 3])
+def test_greedy_with_lookup_matches_target_alone(tiny, tree_topk):
+    """Copied drafts go through the same verify: the output stays the target's own, and the head
+    picks up where lookup left off (its skipped positions are fed on its next turn)."""
+    params = DecodeConfig(k=4, max_new_tokens=40, lookup_ngram=3, lookup_min_ngram=3,
+                          tree_topk=tree_topk, tree_tokens=8)
+    lookups = heads = 0
+    for head in (_noisy_head(tiny), _good_head(tiny)):
+        for prompt in _repetitive_prompts():
+            base = target_generate(tiny, prompt, params)
+            spec = speculative_generate(tiny, head, prompt, params)
+            assert spec.tokens == base.tokens
+            lookups += spec.lookup_passes
+            heads += spec.passes - spec.lookup_passes
+            assert 0 <= spec.lookup_accepted <= spec.accepted
+    assert lookups > 0 and heads > 0  # both kinds of pass ran
+
+
+def test_skipped_positions_reach_the_draft_cache_in_order(tiny):
+    """After passes drafted by lookup, the head reads the piled-up positions in one call and ends
+    in the state it would have reached reading them one pass at a time."""
+    params = DecodeConfig(k=3)
+    head = _noisy_head(tiny, scale=0.05)
+    prompt = [5, 17, 33, 2, 9, 41, 5, 17, 33]
+    with torch.inference_mode():
+        lazy, eager = start(tiny, prompt, params, None), start(tiny, prompt, params, None)
+        for _ in range(3):
+            for s, feed in ((lazy, False), (eager, True)):
+                if feed:
+                    feed_pending(head, tiny.embed, s)
+                d = _t(*s.sequence[-3:])  # any tokens: a draft the head did not write
+                out = verify(tiny, s, d)
+                a, z = accept(out, d, None, params, None)
+                commit(s, out, list(range(a + 1)), d[:a], z, capture=False)
+                assert len(s.draft_cache) == s.length - s.pending_tokens.shape[0]
+        assert lazy.sequence == eager.sequence
+        assert lazy.pending_tokens.shape[0] > eager.pending_tokens.shape[0]
+        last_lazy, last_eager = feed_pending(head, tiny.embed, lazy), feed_pending(head, tiny.embed, eager)
+        assert len(lazy.draft_cache) == len(eager.draft_cache) == lazy.length
+        torch.testing.assert_close(last_lazy, last_eager, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lazy.draft_cache.k, eager.draft_cache.k, atol=1e-5, rtol=1e-5)
