@@ -169,8 +169,9 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
             alt_spec.add(a, as_, a.tokens == res["alt"][0].tokens)
         if "peer" in res:
             peer_t.add(*res["peer"][0])  # (new tokens, seconds inside generate)
-        log.info("[%d/%d] %s: accept len %.2f, %d tokens, spec %.2fs vs target %.2fs%s",
+        log.info("[%d/%d] %s: accept len %.2f, %d tokens, spec %.2fs vs target %.2fs%s%s",
                  i + 1, len(items), name, s.mean_accept_len, len(s.tokens), ss, bs,
+                 f", lookup drafted {s.lookup_passes}/{s.passes} passes" if s.lookup_passes else "",
                  "" if exact or not greedy else " (tokens differ)")
     out = spec.summary(base)
     p = max(spec.passes, 1)
