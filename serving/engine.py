@@ -123,7 +123,7 @@ class ServingEngine:
             record = HiddenStateRecord(
                 request_id=request_id, target_model_id=self.target.model_id, draft_version=version,
                 input_ids=torch.tensor(g.sequence), features=g.features,
-                final_hidden=g.final_hidden, prompt_len=len(prompt_ids), accept_len=g.mean_accept_len)
+                final_hidden=g.final_hidden, prompt_len=len(prompt_ids), accept_len=g.head_accept_len)
             self.writer.submit(record.to_bytes())
         return {
             "request_id": request_id, "tokens": g.tokens, "finish_reason": g.finish_reason,

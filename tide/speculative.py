@@ -60,6 +60,13 @@ class Generation:
     def mean_accept_len(self) -> float:
         return (self.accepted + self.passes) / self.passes if self.passes else 0.0
 
+    @property
+    def head_accept_len(self) -> float:
+        """Acceptance length of the passes the draft head drafted (prompt lookup's left out): what
+        the online trainer watches for drift. 0.0 when lookup drafted every pass."""
+        passes = self.passes - self.lookup_passes
+        return (self.accepted - self.lookup_accepted + passes) / passes if passes else 0.0
+
 
 @dataclass
 class TargetOut:

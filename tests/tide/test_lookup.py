@@ -64,6 +64,12 @@ def test_greedy_with_lookup_matches_target_alone(tiny, tree_topk):
             lookups += spec.lookup_passes
             heads += spec.passes - spec.lookup_passes
             assert 0 <= spec.lookup_accepted <= spec.accepted
+            if spec.lookup_passes == 0:
+                assert spec.head_accept_len == spec.mean_accept_len
+            elif spec.lookup_passes < spec.passes:
+                head_passes = spec.passes - spec.lookup_passes
+                assert spec.head_accept_len == pytest.approx(
+                    (spec.accepted - spec.lookup_accepted + head_passes) / head_passes)
     assert lookups > 0 and heads > 0  # both kinds of pass ran
 
 
