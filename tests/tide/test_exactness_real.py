@@ -39,13 +39,16 @@ def trained_head(smol_fp32):
     return head.float().eval()
 
 
-def _check(target, head, prompts, baselines, k, tree_topk=0):
-    params = DecodeConfig(max_new_tokens=40, k=k, tree_topk=tree_topk, tree_tokens=8)
+def _check(target, head, prompts, baselines, k, tree_topk=0, lookup_ngram=0, gens=None):
+    params = DecodeConfig(max_new_tokens=40, k=k, tree_topk=tree_topk, tree_tokens=8,
+                          lookup_ngram=lookup_ngram, lookup_min_ngram=1)
     accept = []
     for ids, expected in zip(prompts, baselines):
         g = speculative_generate(target, head, ids, params)
         assert g.tokens == expected
         accept.append(g.mean_accept_len)
+        if gens is not None:
+            gens.append(g)
     return accept  # per prompt
 
 
@@ -72,6 +75,14 @@ def test_draft_tree_is_exact_and_accepts_more(smol_fp32, prompts, baselines, tra
     n = 10  # fp32 tree passes are slow on CPU: half the prompts (the chain tests cover all 20)
     tree = _check(smol_fp32, trained_head, prompts[:n], baselines[:n], k=3, tree_topk=3)
     assert sum(tree) > sum(chain_accept[:n])  # 8 candidates on 3 levels beat a chain of 3
+
+
+def test_prompt_lookup_beside_the_head_is_exact(smol_fp32, prompts, baselines, trained_head):
+    gens = []
+    _check(smol_fp32, trained_head, prompts, baselines, k=3, lookup_ngram=3, gens=gens)
+    looked = sum(g.lookup_passes for g in gens)
+    assert 0 < looked < sum(g.passes for g in gens)  # copies and the head both drafted
+    assert sum(g.lookup_accepted for g in gens) > 0
 
 
 @pytest.mark.skipif(not kernels.can_run(), reason="tide.kernels needs an x86 CPU with AVX2")
