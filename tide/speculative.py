@@ -251,19 +251,7 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
         t0 = time.perf_counter()
         looked = lookup_draft(torch.tensor(s.sequence), params.lookup_ngram, params.lookup_min_ngram,
                               k) if params.lookup_ngram else None
-        if looked is not None:  # copied tokens: the head sits this pass out
-            probs = None
-            if params.temperature > 0:  # a draft distribution with all its mass on the copy
-                probs = torch.zeros(len(looked), head.config.target_vocab_size)
-                probs[torch.arange(len(looked)), looked] = 1.0
-            t1 = time.perf_counter()
-            out = verify(target, s, looked)
-            a, z = accept(out, looked, probs, params, gen)
-            drafted = len(looked)
-            commit(s, out, list(range(a + 1)), looked[:a], z, capture)
-            g.lookup_passes += 1
-            g.lookup_accepted += a
-        elif tree:
+        if tree and looked is None:
             dt = propose_tree(head, embed, feed_pending(head, embed, s), s.draft_cache, s.length, k,
                               params.tree_topk, min(params.tree_tokens, max_context - s.length - 1))
             t1 = time.perf_counter()
@@ -272,12 +260,20 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
             a, drafted = len(path), len(dt)
             commit(s, out, [0, *(i + 1 for i in path)], dt.tokens[path], z, capture)
         else:
-            draft_tokens, draft_probs = propose(head, embed, s, params, k, gen)
+            if looked is not None:  # copied tokens: the head sits this pass out; under sampling
+                # their draft distribution puts all its mass on the copy
+                draft_tokens, draft_probs = looked, (torch.nn.functional.one_hot(
+                    looked, head.config.target_vocab_size).float() if params.temperature > 0 else None)
+            else:
+                draft_tokens, draft_probs = propose(head, embed, s, params, k, gen)
             t1 = time.perf_counter()
             out = verify(target, s, draft_tokens)
             a, z = accept(out, draft_tokens, draft_probs, params, gen)
-            drafted = k
+            drafted = len(draft_tokens)
             commit(s, out, list(range(a + 1)), draft_tokens[:a], z, capture)
+        if looked is not None:
+            g.lookup_passes += 1
+            g.lookup_accepted += a
         g.draft_s += t1 - t0
         g.verify_s += time.perf_counter() - t1
         g.passes += 1
