@@ -132,7 +132,7 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
             other, cfg.draft.vocab_size, seed=cfg.draft.seed)
     base, alt, peer_t = _Tally(), _Tally(), _Tally()
     spec, alt_spec, chain = _Spec(), _Spec(), _Spec()
-    chain_params = replace(params, k=chain_k, tree_topk=0, lookup_ngram=0) if chain_k else None
+    chain_params = replace(params, k=chain_k, tree_topk=0, lookup_ngram=0, draft_threshold=0.0) if chain_k else None
     per_wl: dict[str, tuple[_Tally, _Spec, _Spec]] = defaultdict(lambda: (_Tally(), _Spec(), _Spec()))
     items = [(name, p) for name, ps in workloads.items() for p in ps]
     for i, (name, prompt) in enumerate(items):

@@ -51,15 +51,20 @@ class DraftConfig:
 @dataclass
 class DecodeConfig:
     k: int = 5  # draft tokens proposed per verify pass (with a tree: its depth)
+    # a chain stops early when the draft's probability of it falls below this (0 = always k):
+    # a weak head's long chains cost verify width and are rarely accepted
+    draft_threshold: float = 0.0
     # greedy only: a draft tree (EAGLE-2) that expands the tree_topk best tokens of the draft at
     # each of k steps and verifies the tree_tokens most probable in one pass; 0 or 1: a chain
     tree_topk: int = 0
     tree_tokens: int = 16
     # prompt lookup beside the head (tide.lookup): when the last n tokens, n from lookup_ngram
     # down to lookup_min_ngram, occurred before, the k tokens that followed are checked instead
-    # of the head's draft; 0 = off
+    # of the head's draft; 0 = off. lookup_k: the longest copy; a copy proposes k tokens, or more,
+    # up to lookup_k, as far as its match reaches back (0 = always k)
     lookup_ngram: int = 0
     lookup_min_ngram: int = 2
+    lookup_k: int = 0
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -209,11 +214,13 @@ def _validate(cfg: TideConfig) -> None:
         (cfg.train.device == "cpu" or cfg.train.device.split(":")[0] == "cuda",
          f"train.device must be cpu, cuda or cuda:N, not {cfg.train.device!r}"),
         (d.k >= 1, f"decode.k must be >= 1, not {d.k}"),
+        (0 <= d.draft_threshold < 1, f"decode.draft_threshold must be in [0, 1), not {d.draft_threshold}"),
         (d.tree_topk >= 0, f"decode.tree_topk must be >= 0, not {d.tree_topk}"),
         (d.tree_tokens >= 1, f"decode.tree_tokens must be >= 1, not {d.tree_tokens}"),
         (d.lookup_ngram >= 0, f"decode.lookup_ngram must be >= 0 (0 = off), not {d.lookup_ngram}"),
         (d.lookup_ngram == 0 or 1 <= d.lookup_min_ngram <= d.lookup_ngram,
          f"decode.lookup_min_ngram must be in [1, decode.lookup_ngram], not {d.lookup_min_ngram}"),
+        (d.lookup_k >= 0, f"decode.lookup_k must be >= 0 (0 = decode.k), not {d.lookup_k}"),
         (d.tree_topk <= cfg.draft.vocab_size,
          f"decode.tree_topk ({d.tree_topk}) cannot exceed draft.vocab_size ({cfg.draft.vocab_size})"),
         (d.max_new_tokens >= 1, f"decode.max_new_tokens must be >= 1, not {d.max_new_tokens}"),

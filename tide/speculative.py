@@ -45,7 +45,9 @@ class Generation:
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens accepted
     passes: int = 0  # verify passes
-    accepted_per_pos: list[int] = field(default_factory=list)  # (k,) accepted count at position i
+    # (k,) accepted count at draft position i; a copy's positions past k (decode.lookup_k > k)
+    # count in lookup_accepted only
+    accepted_per_pos: list[int] = field(default_factory=list)
     lookup_passes: int = 0  # verify passes that checked prompt-lookup tokens instead of the head's
     lookup_accepted: int = 0  # draft tokens of those passes accepted
     prefill_s: float = 0.0
@@ -149,17 +151,27 @@ def start(target: Target, prompt_ids: list[int], params: DecodeConfig, gen, capt
 
 
 def propose(head: DraftHead, embed, s: _State, params: DecodeConfig, k: int, gen):
-    """Draft k tokens. Returns target ids (k,) and, when sampling, their distributions (k, V)."""
+    """Draft up to k tokens: the first always, each further one while the draft's own probability
+    of the chain so far stays at or above `params.draft_threshold` (a chain the head is unsure of
+    costs verify width and is rarely accepted). Returns target ids (n,) and, when sampling, their
+    distributions (n, V). The length depends on the draft alone, so acceptance stays lossless."""
     last = feed_pending(head, embed, s)  # (1, 1, H)
     tokens, probs = [], []
     target_ids = head.target_ids if params.temperature > 0 else None
+    chain_p = 1.0
     for i in range(k):
         logits = head.logits(last)[0, -1].float()  # (Vd,)
         if params.temperature == 0:
             d = int(logits.argmax())
+            if params.draft_threshold > 0:
+                chain_p *= float(torch.softmax(logits, dim=-1)[d])
         else:
             q = torch.softmax(logits / params.temperature, dim=-1)
             d = int(torch.multinomial(q, 1, generator=gen))
+            chain_p *= float(q[d])
+        if i > 0 and chain_p < params.draft_threshold:
+            break
+        if params.temperature > 0:
             full = torch.zeros(head.config.target_vocab_size)
             probs.append(full.index_copy_(0, target_ids, q))
         t = int(d + head.d2t[d])
@@ -244,13 +256,14 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
     tree = params.tree_topk > 1 and params.temperature == 0  # sampling keeps the chain
     while reason is None:
         emit(new)
-        k = min(params.k, max_context - s.length - 1)
+        room = max_context - s.length - 1
+        k = min(params.k, room)
         if k < 1:
             reason = "length"
             break
         t0 = time.perf_counter()
         looked = lookup_draft(torch.tensor(s.sequence), params.lookup_ngram, params.lookup_min_ngram,
-                              k) if params.lookup_ngram else None
+                              k, min(params.lookup_k, room)) if params.lookup_ngram else None
         if tree and looked is None:
             dt = propose_tree(head, embed, feed_pending(head, embed, s), s.draft_cache, s.length, k,
                               params.tree_topk, min(params.tree_tokens, max_context - s.length - 1))
@@ -279,7 +292,7 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
         g.passes += 1
         g.drafted += drafted
         g.accepted += a
-        for i in range(a):
+        for i in range(min(a, params.k)):
             g.accepted_per_pos[i] += 1
         new, reason = _finish(s.sequence[len(prompt_ids):], target.eos_ids, params.max_new_tokens)
     emit(new)

@@ -13,8 +13,8 @@ def _t(*ids):
 
 def test_copies_what_followed_the_suffix():
     assert lookup_draft(_t(1, 2, 3, 4, 5, 9, 2, 3), 3, 2, 3).tolist() == [4, 5, 9]
-    # fewer tokens when the occurrence is near the end
-    assert lookup_draft(_t(1, 2, 3, 1, 2), 3, 2, 5).tolist() == [3, 1, 2]
+    # an occurrence near the end: the copy runs on into its own tokens (period 3)
+    assert lookup_draft(_t(1, 2, 3, 1, 2), 3, 2, 5).tolist() == [3, 1, 2, 3, 1]
 
 
 def test_longest_suffix_wins_over_a_more_recent_shorter_one():
@@ -31,14 +31,30 @@ def test_prefers_the_most_recent_occurrence_with_k_tokens_after_it():
     assert lookup_draft(_t(4, 1, 2, 9, 4, 3, 8, 4), 1, 1, 3).tolist() == [3, 8, 4]
     # "4" at 0 (3 tokens after) and 4 (2 after): the one with 3
     assert lookup_draft(_t(4, 1, 2, 9, 4, 3, 4), 1, 1, 3).tolist() == [1, 2, 9]
-    # none with 3 tokens after: the latest
-    assert lookup_draft(_t(9, 4, 3, 4), 1, 1, 3).tolist() == [3, 4]
+    # none with 3 tokens after: the latest, read on with period 2
+    assert lookup_draft(_t(9, 4, 3, 4), 1, 1, 3).tolist() == [3, 4, 3]
+
+
+def test_a_longer_match_copies_more_up_to_max_k():
+    # "1 2 3" matches with one more token of agreement before it (7): m = 4
+    seq = _t(7, 1, 2, 3, 4, 5, 6, 9, 9, 7, 1, 2, 3)
+    assert lookup_draft(seq, 3, 2, 2, 10).tolist() == [4, 5, 6, 9]
+    assert lookup_draft(seq, 3, 2, 2, 3).tolist() == [4, 5, 6]  # capped at max_k
+    assert lookup_draft(seq, 3, 2, 2).tolist() == [4, 5]  # no max_k: always k
+    assert lookup_draft(seq, 3, 2, 2, 0).tolist() == [4, 5]
+    # nothing agrees before the 3-gram: m = 3
+    assert lookup_draft(_t(8, 1, 2, 3, 4, 5, 6, 9, 9, 7, 1, 2, 3), 3, 2, 2, 10).tolist() == [4, 5, 6]
+    # never fewer than k, however short the match
+    assert lookup_draft(_t(8, 1, 2, 3, 4, 5, 6, 9, 9, 7, 1, 2, 3), 3, 2, 5, 10).tolist() == [4, 5, 6, 9, 9]
+    # a long repeat: the match runs back to the start of the text
+    text = list(range(10, 30))
+    assert lookup_draft(_t(*text, *text[:12]), 2, 2, 3, 16).tolist() == (text + text)[12:24]  # m = 12
 
 
 def test_no_match_no_draft():
     assert lookup_draft(_t(1, 2, 3, 4), 3, 2, 4) is None  # no suffix repeats
     assert lookup_draft(_t(1, 2, 3, 2), 3, 2, 4) is None  # a 1-gram repeats, 2-grams do not
-    assert lookup_draft(_t(1, 2, 3, 2), 3, 1, 4).tolist() == [3, 2]
+    assert lookup_draft(_t(1, 2, 3, 2), 3, 1, 4).tolist() == [3, 2, 3, 2]
     assert lookup_draft(_t(5), 3, 1, 4) is None  # nothing before the next token
 
 
@@ -49,12 +65,14 @@ def _repetitive_prompts():
         yield motif * 3 + motif[:2]
 
 
-@pytest.mark.parametrize("tree_topk", [0, 3])
-def test_greedy_with_lookup_matches_target_alone(tiny, tree_topk):
+@pytest.mark.parametrize("tree_topk,lookup_k", [(0, 0), (3, 0), (0, 9), (3, 9)])
+def test_greedy_with_lookup_matches_target_alone(tiny, tree_topk, lookup_k):
     """Copied drafts go through the same verify: the output stays the target's own, and the head
-    picks up where lookup left off (its skipped positions are fed on its next turn)."""
+    picks up where lookup left off (its skipped positions are fed on its next turn). lookup_k=9:
+    copies longer than the head's k (and than a tree's depth)."""
     params = DecodeConfig(k=4, max_new_tokens=40, lookup_ngram=3, lookup_min_ngram=3,
-                          tree_topk=tree_topk, tree_tokens=8)
+                          tree_topk=tree_topk, tree_tokens=8, lookup_k=lookup_k)
+    copied = beyond_k = 0
     lookups = heads = 0
     for head in (_noisy_head(tiny), _good_head(tiny)):
         for prompt in _repetitive_prompts():
@@ -63,6 +81,11 @@ def test_greedy_with_lookup_matches_target_alone(tiny, tree_topk):
             assert spec.tokens == base.tokens
             lookups += spec.lookup_passes
             heads += spec.passes - spec.lookup_passes
+            assert len(spec.accepted_per_pos) == params.k
+            # accepted_per_pos counts min(a, k) per pass; the rest came from copies longer than k
+            beyond_k += spec.accepted - sum(spec.accepted_per_pos)
+            if not tree_topk:  # a chain's head drafts k per pass; the rest of drafted are copies
+                copied += spec.drafted - params.k * (spec.passes - spec.lookup_passes)
             assert 0 <= spec.lookup_accepted <= spec.accepted
             if spec.lookup_passes == 0:
                 assert spec.head_accept_len == spec.mean_accept_len
@@ -71,6 +94,11 @@ def test_greedy_with_lookup_matches_target_alone(tiny, tree_topk):
                 assert spec.head_accept_len == pytest.approx(
                     (spec.accepted - spec.lookup_accepted + head_passes) / head_passes)
     assert lookups > 0 and heads > 0  # both kinds of pass ran
+    if lookup_k > params.k:  # matches reach back over the motif: copies run past the head's k
+        assert beyond_k > 0
+        assert tree_topk or copied > params.k * lookups
+    else:
+        assert beyond_k == 0
 
 
 def test_skipped_positions_reach_the_draft_cache_in_order(tiny):

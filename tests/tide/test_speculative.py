@@ -43,6 +43,29 @@ def test_greedy_matches_target_alone(tiny, k):
             assert spec.finish_reason == base.finish_reason
 
 
+@pytest.mark.parametrize("tau", [0.05, 0.5])
+def test_draft_threshold_cuts_chains_and_stays_exact(tiny, tau):
+    """A chain stops where the draft's own probability of it drops below decode.draft_threshold:
+    chains of 1..k tokens, the output still the target's. The heads' LM heads are scaled up so
+    their distributions are peaked (a fresh head's are nearly flat: every chain would stop)."""
+    k = 6
+    params = DecodeConfig(k=k, max_new_tokens=40, draft_threshold=tau)
+    drafted = passes = longer = 0
+    for head in (_noisy_head(tiny), _good_head(tiny)):
+        with torch.no_grad():
+            head.lm_head.weight.mul_(10)
+        for seed in range(4):
+            prompt = torch.randint(1, 90, (5 + seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+            base = target_generate(tiny, prompt, params)
+            spec = speculative_generate(tiny, head, prompt, params)
+            assert spec.tokens == base.tokens
+            assert spec.passes <= spec.drafted <= k * spec.passes
+            drafted, passes = drafted + spec.drafted, passes + spec.passes
+            longer += spec.drafted > spec.passes
+    assert drafted < k * passes  # some chains were cut short
+    assert longer > 0  # and some ran past their first token
+
+
 def test_accounting_and_acceptance_length(tiny):
     params = DecodeConfig(k=4, max_new_tokens=60)
     g = speculative_generate(tiny, _good_head(tiny), [1, 2, 3, 4], params)
@@ -120,11 +143,12 @@ def _exact_marginals(target, prompt, V):
     return m2, m3
 
 
-@pytest.mark.parametrize("lookup", [0, 1])
-def test_sampling_end_to_end_matches_target_distribution(lookup):
+@pytest.mark.parametrize("lookup,lookup_k,tau", [(0, 0, 0.0), (1, 0, 0.0), (1, 3, 0.0), (0, 0, 0.3)])
+def test_sampling_end_to_end_matches_target_distribution(lookup, lookup_k, tau):
     """Tokens 2 and 3 go through draft + rejection; their marginals must equal the target's.
     With lookup, drafts copied from the prompt (a point-mass draft distribution) take turns with
-    the head's."""
+    the head's; lookup_k=3 copies more tokens than the head drafts (k=2). With a draft threshold
+    the chain's length depends on what the draft sampled."""
     V = 10
     target = tiny_target(vocab=V, init=0.4, seed=1)
     target.model.generation_config.eos_token_id = None  # no early stop: every run yields 3 tokens
@@ -134,19 +158,23 @@ def test_sampling_end_to_end_matches_target_distribution(lookup):
     m2, m3 = _exact_marginals(target, prompt, V)
     n = 2500
     c2, c3 = torch.zeros(V), torch.zeros(V)
-    accepted = looked = passes = 0
+    accepted = drafted = looked = passes = 0
     for i in range(n):
         g = speculative_generate(target, head, prompt, DecodeConfig(
-            k=2, max_new_tokens=3, temperature=1.0, seed=i, lookup_ngram=lookup, lookup_min_ngram=1))
+            k=2, max_new_tokens=3, temperature=1.0, seed=i, lookup_ngram=lookup, lookup_min_ngram=1,
+            lookup_k=lookup_k, draft_threshold=tau))
         c2[g.tokens[1]] += 1
         c3[g.tokens[2]] += 1
         accepted += g.accepted
+        drafted += g.drafted
         looked += g.lookup_passes
         passes += g.passes
     tv2 = 0.5 * float((c2 / n - m2).abs().sum())
     tv3 = 0.5 * float((c3 / n - m3).abs().sum())
     assert 0 < accepted < n * 2  # both accept and reject paths were exercised
     assert (0 < looked < passes) if lookup else looked == 0, (looked, passes)  # lookup: both kinds
+    if tau:
+        assert passes < drafted < 2 * passes  # chains of one and of two tokens
     assert tv2 < 0.05 and tv3 < 0.05, (tv2, tv3)  # noise alone gives ~0.02 at n=2500, V=10
 
 
