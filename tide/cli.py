@@ -57,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
                         "a draft tree, decode.tree_topk > 1, or prompt lookup, decode.lookup_ngram > 0)")
     b.add_argument("--json", required=True, help="write the results here")
     _common(b)
+    tu = sub.add_parser("tune", help="pick k / draft_threshold / prompt lookup for this machine "
+                                     "from a replay of the target's answers")
+    tu.add_argument("--prompts", nargs="+", required=True)
+    tu.add_argument("--half", choices=["first", "second", "all"], default="all")
+    tu.add_argument("--limit", type=int, help="at most N prompts per file (after --half)")
+    tu.add_argument("--holdout", action="store_true",
+                    help="only the prompts the warm start held out (every 10th): unseen by the head")
+    tu.add_argument("--draft", help="draft checkpoint folder (default: draft.path)")
+    tu.add_argument("--max-k", type=int, default=5, help="longest chain to try")
+    tu.add_argument("--top", type=int, default=12, help="settings to print")
+    tu.add_argument("--json", help="also write every setting's figures here")
+    _common(tu)
     u = sub.add_parser("up", help="start Redis, Ray, serving actors, trainer, HTTP and W&B")
     u.add_argument("--run-dir", default="runs/latest", help="logs, status and history go here")
     u.add_argument("--foreground", action="store_true", help="stay attached (Ctrl-C stops)")
@@ -171,6 +183,46 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from tide.checkpoint import load_draft
+    from tide.models import load_target
+    from tide.prompts import HOLDOUT_EVERY, encode
+    from tide.tune import run_tune
+
+    cfg = _cfg(args)
+    path = args.draft or cfg.draft.path
+    if not path:
+        print("tide: tune needs a trained draft: --draft DIR or draft.path=DIR", file=sys.stderr)
+        return 2
+    if args.max_k < 1:
+        print("tide: --max-k must be at least 1", file=sys.stderr)
+        return 2
+    prompts = [p for ps in _load_workloads(args.prompts, args.half, args.limit).values() for p in ps]
+    if args.holdout:
+        prompts = prompts[::HOLDOUT_EVERY]
+    if not prompts:
+        print("tide: tune has no prompts to replay (check --prompts, --half, --limit)", file=sys.stderr)
+        return 2
+    target = load_target(cfg.model, cfg.draft.feature_layers)
+    head, _ = load_draft(path, target)
+    result = run_tune(target, head, [encode(target.tokenizer, p) for p in prompts], cfg.decode,
+                      cfg.model.max_context, args.max_k)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    c = result["costs_ms"]
+    print(f"{result['n_prompts']} prompts, {result['answer_tokens']} answer tokens; target step "
+          f"{c['target_step']:.1f} ms, draft step {c['draft_call'] + c['draft_logits']:.1f} ms, verify of "
+          + " / ".join(f"{w}: {v / c['target_step']:.2f}" for w, v in enumerate(c["verify"])
+                       if w in (2, 3, 4, 6, 8, 12, 16)) + " target steps")
+    print(f"{'predicted':>9} {'accept':>6} {'lookup':>6}  settings")
+    for r in result["settings"][: args.top]:
+        print(f"{r['predicted_speedup']:>8.2f}x {r['mean_accept_len']:>6.2f} {r['lookup_pass_share']:>6.0%}  "
+              f"{r['overrides']}")
+    print(f"best: {result['best']}")
+    return 0
+
+
 def cmd_up(args) -> int:
     from serving import launcher
 
@@ -238,7 +290,7 @@ def cmd_load(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "train-offline": cmd_train_offline, "bench": cmd_bench,
-            "up": cmd_up, "down": cmd_down, "status": cmd_status, "plot": cmd_plot, "load": cmd_load}
+            "tune": cmd_tune, "up": cmd_up, "down": cmd_down, "status": cmd_status, "plot": cmd_plot, "load": cmd_load}
 
 
 def main(argv: list[str] | None = None) -> int:

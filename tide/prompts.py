@@ -10,6 +10,7 @@ from pathlib import Path
 from tide.errors import TideError
 
 BUILTIN_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.jsonl"
+HOLDOUT_EVERY = 10  # the warm start holds out every 10th prompt (all its answers) for evaluation
 
 
 class PromptFileError(TideError, ValueError):

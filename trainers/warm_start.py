@@ -17,7 +17,7 @@ import torch
 from tide.checkpoint import new_head, save_draft
 from tide.config import ConfigError, TideConfig, to_dict
 from tide.models import Target, load_target, resolve_dtype
-from tide.prompts import Prompt
+from tide.prompts import HOLDOUT_EVERY, Prompt
 from tide.records import HiddenStateRecord
 from trainers.target_data import generate_records, synthesize_prompts
 from trainers.train_step import evaluate, make_batches, make_optimizer, train_step
@@ -140,7 +140,7 @@ def warm_start(cfg: TideConfig, prompts: list[Prompt], out_dir: str | Path,
     # hold out whole prompts (all their answers), never a sibling of a training answer
     # (answers to synthesized prompts only train: the held-out score stays on the given prompts)
     n_prompts = max(len(prompts), 1) if prompts else len(records)
-    held = lambda i: (i % n_prompts) % 10 == 0 and not records[i].request_id.startswith(SYNTH_TAG)
+    held = lambda i: (i % n_prompts) % HOLDOUT_EVERY == 0 and not records[i].request_id.startswith(SYNTH_TAG)
     holdout, train = [r for i, r in enumerate(records) if held(i)], [r for i, r in enumerate(records) if not held(i)]
     t0 = time.perf_counter()
     coverage = float(counts[head.target_ids].sum() / counts.sum().clamp_min(1))

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from tests.tide.test_lookup import _repetitive_prompts
+from tests.tide.test_speculative import _good_head, _noisy_head
+from tide.config import DecodeConfig
+from tide.speculative import speculative_generate
+from tide.tune import Costs, Setting, answer, chain_length, head_draft_ms, lookup_table, replay, run_tune
+
+
+def _peaked(head):
+    with torch.no_grad():
+        head.lm_head.weight.mul_(10)  # a fresh head's distributions are nearly flat
+    return head
+
+
+def test_chain_length_keeps_the_first_token_and_cuts_where_propose_does():
+    p = torch.tensor([0.9, 0.5, 0.9, 0.1])
+    assert chain_length(p, 4, 0.0) == 4
+    assert chain_length(p, 3, 0.0) == 3
+    assert chain_length(p, 4, 0.4) == 3  # running products 0.9, 0.45, 0.405, 0.04
+    assert chain_length(torch.tensor([0.1, 0.9]), 2, 0.5) == 1  # the first token always
+    assert chain_length(p, 4, 0.95) == 1
+
+
+def test_head_draft_cost_counts_the_calls_propose_makes():
+    c = Costs(target_step=10.0, verify=[0.0] * 5, draft_call=1.0, draft_logits=0.1)
+    assert head_draft_ms(c, 3, 3) == pytest.approx(3 * 1.0 + 3 * 0.1)  # feed + 2 chain calls, 3 heads
+    assert head_draft_ms(c, 1, 3) == pytest.approx(2 * 1.0 + 2 * 0.1)  # cut: one more of each
+
+
+@pytest.mark.parametrize("setting", [Setting(3, 0.0, 0, 2, 0), Setting(5, 0.3, 0, 2, 0),
+                                     Setting(3, 0.2, 3, 2, 0), Setting(2, 0.0, 3, 2, 9)])
+def test_replay_takes_the_passes_decode_takes(tiny, setting):
+    """The replay's passes, lookup passes and drafted tokens are those of the real speculative
+    loop under the same setting, on the same prompts: what it prices is what decode does."""
+    params = DecodeConfig(k=setting.k, max_new_tokens=40, draft_threshold=setting.draft_threshold,
+                          lookup_ngram=setting.lookup_ngram, lookup_min_ngram=setting.lookup_min_ngram,
+                          lookup_k=setting.lookup_k)
+    costs = Costs(target_step=10.0, verify=[0.0] + [10.0 + w for w in range(1, 18)], draft_call=1.0,
+                  draft_logits=0.1)
+    passes = tokens = 0
+    for head in (_peaked(_noisy_head(tiny)), _peaked(_good_head(tiny))):
+        prompts = list(_repetitive_prompts())
+        answers = [answer(tiny, head, p, params, 2048, max_k=5) for p in prompts]
+        lookups, _ = lookup_table(answers, [setting])
+        r = replay(answers, setting, costs, lookups)
+        real = [speculative_generate(tiny, head, p, params) for p in prompts]
+        assert r["passes"] == sum(g.passes for g in real)
+        assert r["lookup_passes"] == sum(g.lookup_passes for g in real)
+        assert r["drafted"] == sum(g.drafted for g in real)
+        assert r["tokens"] == sum(len(g.tokens) - 1 for g in real)  # the first comes from prefill
+        assert [a.ids[a.prompt_len :] for a in answers] == [g.tokens for g in real]
+        passes, tokens = passes + r["passes"], tokens + r["tokens"]
+    assert tokens > passes  # drafts were accepted: the comparison saw accepting passes
+
+
+def test_run_tune_ranks_every_setting_on_measured_costs(tiny):
+    head = _peaked(_good_head(tiny))
+    prompts = list(_repetitive_prompts())[:2]
+    out = run_tune(tiny, head, prompts, DecodeConfig(max_new_tokens=24), 2048, max_k=3)
+    rows = out["settings"]
+    speedups = [r["predicted_speedup"] for r in rows]
+    assert speedups == sorted(speedups, reverse=True) and all(s > 0 for s in speedups)
+    assert out["best"] == rows[0]["overrides"]
+    assert len({r["overrides"] for r in rows}) == len(rows)  # each setting once
+    assert {r["k"] for r in rows} == {1, 2, 3}
+    assert any(r["lookup_ngram"] for r in rows) and any(not r["lookup_ngram"] for r in rows)
+    c = out["costs_ms"]
+    assert len(c["verify"]) == 18 and all(v > 0 for v in c["verify"][1:]) and c["target_step"] > 0
+    assert 0 < out["answer_tokens"] <= 2 * 24
+
+
+def test_tune_cli_refuses_without_a_draft_or_prompts(tmp_path, capsys):
+    from tide.cli import main
+
+    assert main(["tune", "--prompts", "builtin"]) == 2
+    assert "needs a trained draft" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["tune", "--prompts", str(empty), "--draft", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip()  # a message, not a traceback

@@ -1,0 +1,249 @@
+"""`tide tune`: which chain settings pay on this machine, from a replay instead of a sweep.
+
+Speculation pays when the tokens a pass gains outweigh what the pass costs. Both sides depend on
+the machine (what a verify pass of w tokens costs against one target step: on a CPU it grows
+with w, on a GPU it hardly does) and on the draft (how often its chains are right, how sure it
+is of them). A sweep of real runs over the settings takes hours on a CPU; the replay takes
+minutes and prices every setting on the same answers:
+
+1. the target answers the prompts greedily: its own tokens, which every lossless setting
+   reproduces, and the features the draft reads;
+2. at every position of each answer, the draft's chain of up to `max_k` tokens and its
+   probability of each, through the draft's own cache as in decode (tide.speculative.propose);
+3. this machine's cost of the target alone (one step), of a verify pass of 1..W tokens, of a
+   draft step and of a prompt lookup, measured here;
+4. each setting walks every answer pass by pass as tide.speculative does (prompt lookup first
+   when on, else the head's chain cut where its probability falls below `draft_threshold`),
+   accepts the longest prefix that matches the answer and adds up what the passes cost.
+
+Predicted speedup: answer tokens x one target step / the passes' cost (decode only; prefill is
+the same for both and left out). Greedy chains only: trees and sampling are not replayed. Tune on
+prompts the head did not train on (`--holdout`: the warm start's held-out prompts), then check
+the pick with `tide bench`.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from transformers import DynamicCache
+
+from tide.config import DecodeConfig
+from tide.draft_head import DraftCache, DraftHead
+from tide.lookup import lookup_draft
+from tide.models import Target
+from tide.speculative import target_forward, target_generate
+from tide.tree import keep_cache_rows
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5)
+LOOKUP_KS = (0, 8, 12, 16)  # 0: copies of k tokens
+
+
+@dataclass
+class Answer:
+    ids: list[int]  # x_0..x_T: prompt, then the target's greedy answer
+    prompt_len: int
+    chains: torch.Tensor  # (T - prompt_len + 1, max_k) the head's chain at state L = prompt_len + row
+    probs: torch.Tensor  # (T - prompt_len + 1, max_k) its probability of each token
+
+
+@dataclass
+class Costs:
+    """Milliseconds on this machine, medians of interleaved repeats."""
+    target_step: float  # the target alone: one token, no hidden states
+    verify: list[float]  # verify[w]: a pass of w tokens (y and w - 1 drafts) with hidden states
+    draft_call: float  # one draft layer call over one position
+    draft_logits: float  # the draft's LM head and softmax for one position
+    lookup: float = 0.0  # one prompt-lookup search (measured during the replay)
+
+
+@dataclass
+class Setting:
+    k: int
+    draft_threshold: float
+    lookup_ngram: int
+    lookup_min_ngram: int
+    lookup_k: int
+
+    def overrides(self) -> str:
+        out = f"decode.k={self.k} decode.draft_threshold={self.draft_threshold}"
+        if self.lookup_ngram:
+            out += (f" decode.lookup_ngram={self.lookup_ngram} decode.lookup_min_ngram={self.lookup_min_ngram}"
+                    f" decode.lookup_k={self.lookup_k}")
+        return out + " decode.tree_topk=0"
+
+
+@torch.inference_mode()
+def answer(target: Target, head: DraftHead, prompt_ids: list[int], params: DecodeConfig, max_context: int,
+           max_k: int) -> Answer:
+    """The target's greedy answer, and the head's chain at every state of it."""
+    g = target_generate(target, prompt_ids, replace(params, temperature=0.0), max_context)
+    ids = [*prompt_ids, *g.tokens]
+    n = len(ids) - 1  # features of positions 0..n-1 (the last token is never fed)
+    feats = target_forward(target, torch.tensor([ids[:-1]]), DynamicCache(config=target.config)).features
+    x, embed, cache = torch.tensor(ids), target.embed, DraftCache()
+    first = len(prompt_ids) - 1  # entry p reads (f_p, x_{p+1}); entry L-1 starts the chain at state L
+    if first > 0:
+        head(head.fuse(feats[None, :first]), embed(x[None, 1 : first + 1]), torch.arange(first), cache)
+    chains = torch.zeros(n - first, max_k, dtype=torch.long)
+    probs = torch.zeros(n - first, max_k)
+    for row, p in enumerate(range(first, n)):
+        last, _ = head(head.fuse(feats[None, p : p + 1]), embed(x[None, p + 1 : p + 2]), torch.tensor([p]), cache)
+        for i in range(max_k):
+            q = torch.softmax(head.logits(last)[0, -1].float(), dim=-1)
+            d = int(q.argmax())
+            chains[row, i], probs[row, i] = int(head.to_target_ids(torch.tensor(d))), q[d]
+            if i < max_k - 1:
+                last, _ = head(last, embed(chains[row, i].view(1, 1)), torch.tensor([p + 1 + i]), cache)
+        cache.crop(p + 1)
+    return Answer(ids, len(prompt_ids), chains, probs)
+
+
+@torch.inference_mode()
+def measure_costs(target: Target, head: DraftHead, context: list[int], max_width: int, reps: int = 7) -> Costs:
+    """Interleaved repeats (every width once per round) so machine noise hits all alike."""
+    cache = DynamicCache(config=target.config)
+    target_forward(target, torch.tensor([context]), cache, hidden=False)
+    n = len(context)
+    embed, x = target.embed, torch.tensor(context)
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - t0)
+
+    def step(width: int, hidden: bool):
+        target_forward(target, x[None, -width:], cache, hidden=hidden)
+        keep_cache_rows(cache, n, [])
+
+    draft_cache = DraftCache()
+    feats = target_forward(target, x[None, :-1], DynamicCache(config=target.config)).features
+    head(head.fuse(feats[None, :-1]), embed(x[None, 1:-1]), torch.arange(n - 2), draft_cache)
+    hidden = head.fuse(feats[None, -1:])
+
+    def draft_call():
+        head(hidden, embed(x[None, -1:]), torch.tensor([n - 2]), draft_cache)
+        draft_cache.crop(n - 2)
+
+    def draft_logits():
+        torch.softmax(head.logits(hidden)[0, -1].float(), dim=-1).argmax()
+
+    samples: dict[str, list[float]] = {}
+    for _ in range(reps):
+        samples.setdefault("step", []).append(timed(lambda: step(1, False)))
+        for w in range(1, max_width + 1):
+            samples.setdefault(w, []).append(timed(lambda: step(w, True)))
+        samples.setdefault("call", []).append(timed(draft_call))
+        samples.setdefault("logits", []).append(timed(draft_logits))
+    med = {key: statistics.median(v) for key, v in samples.items()}
+    return Costs(med["step"], [0.0] + [med[w] for w in range(1, max_width + 1)], med["call"], med["logits"])
+
+
+def chain_length(probs: torch.Tensor, k: int, threshold: float) -> int:
+    """How many of the chain's tokens propose() keeps: the first always, then while the product
+    of the draft's probabilities stays at or above the threshold."""
+    if threshold <= 0:
+        return k
+    run = torch.cumprod(probs[:k], 0)
+    return max(1, int((run >= threshold).cumprod(0).sum()))
+
+
+def head_draft_ms(c: Costs, drafted: int, k: int) -> float:
+    """propose() for a chain of `drafted` of k tokens: one call feeds the verified positions, one
+    call per further token, and the LM head per token looked at (one more where the chain is cut)."""
+    cut = drafted < k
+    return c.draft_call * (drafted + cut) + c.draft_logits * (drafted + cut)
+
+
+def replay(answers: list[Answer], s: Setting, c: Costs, lookups: dict) -> dict:
+    """Walk every answer pass by pass under setting s; returns tokens, passes and their cost."""
+    tokens = passes = lookup_passes = drafted = 0
+    ms = 0.0
+    for ai, a in enumerate(answers):
+        L, T = a.prompt_len, len(a.ids) - 1
+        while L < T:  # y = x_L is known; x_{L+1}.. is the truth the drafts are checked against
+            copy = lookups.get((ai, L, s.k, s.lookup_k)) if s.lookup_ngram else None
+            if copy is not None:
+                draft, cost = copy, c.lookup
+                lookup_passes += 1
+            else:
+                row = L - a.prompt_len
+                w = chain_length(a.probs[row], s.k, s.draft_threshold)
+                draft = a.chains[row, :w].tolist()
+                cost = head_draft_ms(c, w, s.k) + (c.lookup if s.lookup_ngram else 0.0)
+            truth = a.ids[L + 1 : L + 1 + len(draft)]
+            acc = 0
+            while acc < len(truth) and draft[acc] == truth[acc]:
+                acc += 1
+            ms += cost + c.verify[len(draft) + 1]
+            drafted += len(draft)
+            tokens += min(acc + 1, T - L)
+            passes += 1
+            L += acc + 1
+    return {"tokens": tokens, "passes": passes, "lookup_passes": lookup_passes, "drafted": drafted, "ms": ms}
+
+
+def lookup_table(answers: list[Answer], settings: list[Setting]) -> tuple[dict, float]:
+    """Prompt lookup's copy at every state, for every (k, lookup_k) the settings use; and the
+    mean time of one search (ms)."""
+    table, spent, calls = {}, 0.0, 0
+    keys = sorted({(s.lookup_ngram, s.lookup_min_ngram, s.k, s.lookup_k) for s in settings if s.lookup_ngram})
+    if len({key[:2] for key in keys}) > 1:
+        raise ValueError("one lookup n-gram range per replay")
+    for ai, a in enumerate(answers):
+        x = torch.tensor(a.ids)
+        for ngram, min_ngram, k, lookup_k in keys:
+            for L in range(a.prompt_len, len(a.ids) - 1):
+                t0 = time.perf_counter()
+                copy = lookup_draft(x[: L + 1], ngram, min_ngram, k, lookup_k)
+                spent += time.perf_counter() - t0
+                calls += 1
+                if copy is not None:
+                    table[(ai, L, k, lookup_k)] = copy.tolist()
+    return table, 1000 * spent / max(calls, 1)
+
+
+def settings_grid(max_k: int, ngram: int, min_ngram: int) -> list[Setting]:
+    grid = []
+    for k in range(1, max_k + 1):
+        for th in THRESHOLDS if k > 1 else (0.0,):
+            grid.append(Setting(k, th, 0, min_ngram, 0))
+            if ngram:
+                grid += [Setting(k, th, ngram, min_ngram, lk) for lk in LOOKUP_KS if lk == 0 or lk > k]
+    return grid
+
+
+def run_tune(target: Target, head: DraftHead, prompts: list[list[int]], params: DecodeConfig,
+             max_context: int, max_k: int, lookup_ngram: int = 3, lookup_min_ngram: int = 2) -> dict:
+    """prompts: token ids; answers run to params.max_new_tokens. Returns the measured costs and
+    every setting's predicted figures, best first."""
+    answers = []
+    t0 = time.perf_counter()
+    for i, ids in enumerate(prompts):
+        answers.append(answer(target, head, ids, params, max_context, max_k))
+        log.info("[%d/%d] answered and replayed the head's chains (%.0f s)", i + 1, len(prompts),
+                 time.perf_counter() - t0)
+    grid = settings_grid(max_k, lookup_ngram, lookup_min_ngram)
+    lookups, lookup_ms = lookup_table(answers, grid)
+    widest = max(max_k, *LOOKUP_KS) + 1
+    context = max(answers, key=lambda a: len(a.ids)).ids
+    log.info("measuring verify passes of 1..%d tokens on a %d-token context", widest, len(context))
+    costs = measure_costs(target, head, context, widest)
+    costs.lookup = lookup_ms
+    rows = []
+    for s in grid:
+        r = replay(answers, s, costs, lookups)
+        rows.append({**asdict(s), "overrides": s.overrides(),
+                     "predicted_speedup": round(r["tokens"] * costs.target_step / r["ms"], 3),
+                     "mean_accept_len": round(r["tokens"] / r["passes"], 3),
+                     "lookup_pass_share": round(r["lookup_passes"] / r["passes"], 3)})
+    rows.sort(key=lambda r: -r["predicted_speedup"])
+    return {"n_prompts": len(answers), "answer_tokens": sum(len(a.ids) - a.prompt_len for a in answers),
+            "costs_ms": {**asdict(costs), "verify": [round(v, 2) for v in costs.verify]},
+            "best": rows[0]["overrides"], "settings": rows}
