@@ -266,7 +266,7 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
                               k, min(params.lookup_k, room)) if params.lookup_ngram else None
         if tree and looked is None:
             dt = propose_tree(head, embed, feed_pending(head, embed, s), s.draft_cache, s.length, k,
-                              params.tree_topk, min(params.tree_tokens, max_context - s.length - 1))
+                              params.tree_topk, min(params.tree_tokens, room))
             t1 = time.perf_counter()
             out = verify_tree(target, s, dt)
             path, z = accept_tree_greedy(dt, out.logits)

@@ -168,7 +168,7 @@ def replay(answers: list[Answer], s: Setting, c: Costs, lookups: dict) -> dict:
     for ai, a in enumerate(answers):
         L, T = a.prompt_len, len(a.ids) - 1
         while L < T:  # y = x_L is known; x_{L+1}.. is the truth the drafts are checked against
-            copy = lookups.get((ai, L, s.k, s.lookup_k)) if s.lookup_ngram else None
+            copy = lookups.get((ai, L, s.lookup_ngram, s.lookup_min_ngram, s.k, s.lookup_k)) if s.lookup_ngram else None
             if copy is not None:
                 draft, cost = copy, c.lookup
                 lookup_passes += 1
@@ -190,22 +190,20 @@ def replay(answers: list[Answer], s: Setting, c: Costs, lookups: dict) -> dict:
 
 
 def lookup_table(answers: list[Answer], settings: list[Setting]) -> tuple[dict, float]:
-    """Prompt lookup's copy at every state, for every (k, lookup_k) the settings use; and the
+    """Prompt lookup's copy at every state, for every lookup setting in use; and the
     mean time of one search (ms)."""
     table, spent, calls = {}, 0.0, 0
     keys = sorted({(s.lookup_ngram, s.lookup_min_ngram, s.k, s.lookup_k) for s in settings if s.lookup_ngram})
-    if len({key[:2] for key in keys}) > 1:
-        raise ValueError("one lookup n-gram range per replay")
     for ai, a in enumerate(answers):
         x = torch.tensor(a.ids)
-        for ngram, min_ngram, k, lookup_k in keys:
+        for key in keys:
             for L in range(a.prompt_len, len(a.ids) - 1):
                 t0 = time.perf_counter()
-                copy = lookup_draft(x[: L + 1], ngram, min_ngram, k, lookup_k)
+                copy = lookup_draft(x[: L + 1], *key)
                 spent += time.perf_counter() - t0
                 calls += 1
                 if copy is not None:
-                    table[(ai, L, k, lookup_k)] = copy.tolist()
+                    table[(ai, L, *key)] = copy.tolist()
     return table, 1000 * spent / max(calls, 1)
 
 
