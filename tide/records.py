@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
@@ -91,3 +92,14 @@ class HiddenStateRecord:
             prompt_len=int(header["prompt_len"]),
             accept_len=float(header.get("accept_len", 0.0)),
         )
+
+
+def save_records(records: list[HiddenStateRecord], folder: Path) -> None:
+    """A records folder: one `NNNNN.rec` file (HiddenStateRecord bytes) per record."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, r in enumerate(records):
+        (folder / f"{i:05d}.rec").write_bytes(r.to_bytes())
+
+
+def load_records(folder: str | Path) -> list[HiddenStateRecord]:
+    return [HiddenStateRecord.from_bytes(p.read_bytes()) for p in sorted(Path(folder).glob("*.rec"))]

@@ -18,7 +18,7 @@ from tide.checkpoint import new_head, save_draft
 from tide.config import ConfigError, TideConfig, to_dict
 from tide.models import Target, load_target, resolve_dtype
 from tide.prompts import HOLDOUT_EVERY, Prompt
-from tide.records import HiddenStateRecord
+from tide.records import HiddenStateRecord, load_records, save_records
 from trainers.target_data import generate_records, synthesize_prompts
 from trainers.train_step import evaluate, make_batches, make_optimizer, train_step
 
@@ -93,16 +93,6 @@ def warmup_cosine(opt, total_steps: int, warmup_frac: float, min_lr_frac: float)
         return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def save_records(records: list[HiddenStateRecord], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, r in enumerate(records):
-        (folder / f"{i:05d}.rec").write_bytes(r.to_bytes())
-
-
-def load_records(folder: str | Path) -> list[HiddenStateRecord]:
-    return [HiddenStateRecord.from_bytes(p.read_bytes()) for p in sorted(Path(folder).glob("*.rec"))]
 
 
 def warm_start(cfg: TideConfig, prompts: list[Prompt], out_dir: str | Path,

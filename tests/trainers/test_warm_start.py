@@ -4,7 +4,8 @@ from tide.checkpoint import load_draft
 from tide.config import load_config
 from tide.models import load_target
 from tide.prompts import Prompt
-from trainers.warm_start import load_records, warm_start
+from tide.records import load_records
+from trainers.warm_start import warm_start
 
 PROMPTS = [Prompt(t, chat=True) for t in
            ["Hi", "Name three rivers in Europe.", "2+2?", "Write a haiku about rain.", "Sort [3, 1, 2].",
