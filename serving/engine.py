@@ -19,6 +19,7 @@ import torch
 from tide.checkpoint import WeightError, load_draft, new_head, state_from_bytes, swap_in_place
 from tide.config import DecodeConfig, TideConfig
 from tide.errors import TideError
+from tide.lookup import history_from_config
 from tide.models import Target, load_target
 from tide.records import HiddenStateRecord
 from tide.speculative import speculative_generate, target_generate
@@ -48,11 +49,14 @@ class ServingEngine:
         self._active: set[str] = set()
         self._cancelled: set[str] = set()
         self._stop = threading.Event()
+        # earlier answers draft later requests (decode.history_k > 0); per replica, in memory
+        self.history = history_from_config(cfg)
         k = cfg.decode.k
         self.stats_ = {
             "requests_ok": 0, "requests_failed": 0, "requests_rejected": 0,
             "requests_cancelled": 0, "generated_tokens": 0, "prompt_tokens": 0, "drafts": 0, "draft_tokens": 0,
             "accepted_tokens": 0, "accepted_per_pos": [0] * k, "decode_s": 0.0,
+            "history_passes": 0, "history_accepted": 0,
             "accept_len_ema": None, "swaps_applied": 0, "swaps_rejected": 0,
             "last_swap_latency_s": None, "last_swap_at": None, "last_swap_error": None,
         }
@@ -102,7 +106,10 @@ class ServingEngine:
                 t0 = time.perf_counter()
                 if self.cfg.serving.speculative:
                     g = speculative_generate(self.target, head, prompt_ids, params, self.cfg.model.max_context,
-                                             capture=self.cfg.serving.capture, on_tokens=stream)
+                                             capture=self.cfg.serving.capture, on_tokens=stream,
+                                             history=self.history)
+                    if self.history is not None:
+                        self.history.add(prompt_ids, g.tokens)
                 else:
                     g = target_generate(self.target, prompt_ids, params, self.cfg.model.max_context,
                                         on_tokens=stream)
@@ -142,6 +149,8 @@ class ServingEngine:
         s["draft_tokens"] += g.drafted
         s["accepted_tokens"] += g.accepted
         s["accepted_per_pos"] = [a + b for a, b in zip(s["accepted_per_pos"], g.accepted_per_pos)]
+        s["history_passes"] += g.history_passes
+        s["history_accepted"] += g.history_accepted
         s["decode_s"] += elapsed
         if g.passes:
             ema = s["accept_len_ema"]

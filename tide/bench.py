@@ -18,6 +18,7 @@ import torch
 
 from tide.checkpoint import load_draft, new_head
 from tide.config import TideConfig, to_dict
+from tide.lookup import history_from_config
 from tide.models import load_target
 from tide.prompts import Prompt, encode
 from tide.speculative import speculative_generate, target_generate
@@ -53,12 +54,16 @@ class _Spec:
     n: int = 0
     lookup_passes: int = 0
     lookup_accepted: int = 0
+    history_passes: int = 0
+    history_accepted: int = 0
 
     def add(self, g, seconds: float, exact: bool) -> None:
         self.tally.add(len(g.tokens), seconds)
         self.passes += g.passes
         self.lookup_passes += g.lookup_passes
         self.lookup_accepted += g.lookup_accepted
+        self.history_passes += g.history_passes
+        self.history_accepted += g.history_accepted
         self.accepted += g.accepted
         self.drafted += g.drafted
         self.per_pos = g.accepted_per_pos if self.per_pos is None else [
@@ -77,11 +82,15 @@ class _Spec:
     def summary(self, base: _Tally) -> dict:
         p = max(self.passes, 1)
         lookup = {}
-        if self.lookup_passes:  # prompt lookup drafted these passes, the head the others
-            lp, hp = self.lookup_passes, self.passes - self.lookup_passes
-            lookup = {"lookup_pass_share": round(lp / p, 3),
-                      "lookup_accept_len": round((self.lookup_accepted + lp) / lp, 3),
-                      "head_accept_len": round((self.accepted - self.lookup_accepted + hp) / hp, 3) if hp else None}
+        # prompt lookup and the answer history drafted these passes, the head the others
+        for name, n, acc in (("lookup", self.lookup_passes, self.lookup_accepted),
+                             ("history", self.history_passes, self.history_accepted)):
+            if n:
+                lookup.update({f"{name}_pass_share": round(n / p, 3), f"{name}_accept_len": round((acc + n) / n, 3)})
+        if lookup:
+            hp = self.passes - self.lookup_passes - self.history_passes
+            ha = self.accepted - self.lookup_accepted - self.history_accepted
+            lookup["head_accept_len"] = round((ha + hp) / hp, 3) if hp else None
         return {
             "spec_tok_s": round(self.tally.tok_s, 2),
             "baseline_tok_s": round(base.tok_s, 2),
@@ -132,19 +141,23 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
             other, cfg.draft.vocab_size, seed=cfg.draft.seed)
     base, alt, peer_t = _Tally(), _Tally(), _Tally()
     spec, alt_spec, chain = _Spec(), _Spec(), _Spec()
-    chain_params = replace(params, k=chain_k, tree_topk=0, lookup_ngram=0, draft_threshold=0.0) if chain_k else None
+    chain_params = (replace(params, k=chain_k, tree_topk=0, lookup_ngram=0, history_k=0, draft_threshold=0.0)
+                    if chain_k else None)
+    # the answer history (decode.history_k > 0) learns each prompt's answer once all its runs are
+    # done, as a serving replica learns a request's: later prompts draft from earlier answers
+    history = history_from_config(cfg)
     per_wl: dict[str, tuple[_Tally, _Spec, _Spec]] = defaultdict(lambda: (_Tally(), _Spec(), _Spec()))
     items = [(name, p) for name, ps in workloads.items() for p in ps]
     for i, (name, prompt) in enumerate(items):
         ids = encode(target.tokenizer, prompt)
         runs = {
             "base": lambda: target_generate(target, ids, params, cfg.model.max_context),
-            "spec": lambda: speculative_generate(target, head, ids, params, cfg.model.max_context),
+            "spec": lambda: speculative_generate(target, head, ids, params, cfg.model.max_context, history=history),
             "alt": lambda: target_generate(other, ids, params, cfg.model.max_context),
         }
         if other_head is not None:
             runs["alt_spec"] = lambda: speculative_generate(other, other_head, ids, params,
-                                                            cfg.model.max_context)
+                                                            cfg.model.max_context, history=history)
         if chain_params is not None:
             runs["chain"] = lambda: speculative_generate(target, head, ids, chain_params, cfg.model.max_context)
         if peer == "pld":
@@ -154,6 +167,8 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
         res = {name_: _timed(runs[name_]) for name_ in order}
         b, bs = res["base"]
         s, ss = res["spec"]
+        if history is not None:
+            history.add(ids, b.tokens)
         base.add(len(b.tokens), bs)
         alt.add(len(res["alt"][0].tokens), res["alt"][1])
         exact = s.tokens == b.tokens
@@ -169,9 +184,10 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
             alt_spec.add(a, as_, a.tokens == res["alt"][0].tokens)
         if "peer" in res:
             peer_t.add(*res["peer"][0])  # (new tokens, seconds inside generate)
-        log.info("[%d/%d] %s: accept len %.2f, %d tokens, spec %.2fs vs target %.2fs%s%s",
+        log.info("[%d/%d] %s: accept len %.2f, %d tokens, spec %.2fs vs target %.2fs%s%s%s",
                  i + 1, len(items), name, s.mean_accept_len, len(s.tokens), ss, bs,
                  f", lookup drafted {s.lookup_passes}/{s.passes} passes" if s.lookup_passes else "",
+                 f", history {s.history_passes}/{s.passes}" if s.history_passes else "",
                  "" if exact or not greedy else " (tokens differ)")
     out = spec.summary(base)
     p = max(spec.passes, 1)

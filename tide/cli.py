@@ -185,6 +185,7 @@ def cmd_bench(args) -> int:
 
 def cmd_tune(args) -> int:
     from tide.checkpoint import load_draft
+    from tide.lookup import history_from_config
     from tide.models import load_target
     from tide.prompts import HOLDOUT_EVERY, encode
     from tide.tune import run_tune
@@ -205,8 +206,10 @@ def cmd_tune(args) -> int:
         return 2
     target = load_target(cfg.model, cfg.draft.feature_layers)
     head, _ = load_draft(path, target)
-    result = run_tune(target, head, [encode(target.tokenizer, p) for p in prompts], cfg.decode,
-                      cfg.model.max_context, args.max_k)
+    ids = [encode(target.tokenizer, p) for p in prompts]
+    # decode.history_k > 0: also price the answer history, seeded without the replayed prompts
+    history = history_from_config(cfg, skip_prompts={tuple(i) for i in ids})
+    result = run_tune(target, head, ids, cfg.decode, cfg.model.max_context, args.max_k, history=history)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -215,10 +218,10 @@ def cmd_tune(args) -> int:
           f"{c['target_step']:.1f} ms, draft step {c['draft_call'] + c['draft_logits']:.1f} ms, verify of "
           + " / ".join(f"{w}: {v / c['target_step']:.2f}" for w, v in enumerate(c["verify"])
                        if w in (2, 3, 4, 6, 8, 12, 16)) + " target steps")
-    print(f"{'predicted':>9} {'accept':>6} {'lookup':>6}  settings")
+    print(f"{'predicted':>9} {'accept':>6} {'lookup':>6} {'history':>7}  settings")
     for r in result["settings"][: args.top]:
-        print(f"{r['predicted_speedup']:>8.2f}x {r['mean_accept_len']:>6.2f} {r['lookup_pass_share']:>6.0%}  "
-              f"{r['overrides']}")
+        print(f"{r['predicted_speedup']:>8.2f}x {r['mean_accept_len']:>6.2f} {r['lookup_pass_share']:>6.0%} "
+              f"{r['history_pass_share']:>7.0%}  {r['overrides']}")
     print(f"best: {result['best']}")
     return 0
 

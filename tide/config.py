@@ -65,6 +65,10 @@ class DecodeConfig:
     lookup_ngram: int = 0
     lookup_min_ngram: int = 2
     lookup_k: int = 0
+    # drafts from earlier answers (tide.lookup.AnswerHistory) where prompt lookup finds none:
+    # chains of up to history_k tokens; 0 = off. Where the history lives and what seeds it:
+    # serving.history_*
+    history_k: int = 0
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -157,6 +161,12 @@ class ServingConfig:
     host: str = "127.0.0.1"  # HTTP front (OpenAI-compatible)
     port: int = 8000
     api_key_env: str = "TIDE_API_KEY"  # when set, every route but /health needs this bearer key
+    # each replica's AnswerHistory (used when decode.history_k > 0): the answer tokens it keeps
+    # (oldest forgotten first), the longest context it reads, and a records folder (the warm
+    # start's --records) whose answers it learns at startup; empty: it starts empty
+    history_tokens: int = 200_000
+    history_ngram: int = 3
+    history_records: str = ""
 
 
 @dataclass
@@ -221,6 +231,9 @@ def _validate(cfg: TideConfig) -> None:
         (d.lookup_ngram == 0 or 1 <= d.lookup_min_ngram <= d.lookup_ngram,
          f"decode.lookup_min_ngram must be in [1, decode.lookup_ngram], not {d.lookup_min_ngram}"),
         (d.lookup_k >= 0, f"decode.lookup_k must be >= 0 (0 = decode.k), not {d.lookup_k}"),
+        (d.history_k >= 0, f"decode.history_k must be >= 0 (0 = off), not {d.history_k}"),
+        (cfg.serving.history_ngram >= 2, f"serving.history_ngram must be >= 2, not {cfg.serving.history_ngram}"),
+        (cfg.serving.history_tokens >= 1, f"serving.history_tokens must be >= 1, not {cfg.serving.history_tokens}"),
         (d.tree_topk <= cfg.draft.vocab_size,
          f"decode.tree_topk ({d.tree_topk}) cannot exceed draft.vocab_size ({cfg.draft.vocab_size})"),
         (d.max_new_tokens >= 1, f"decode.max_new_tokens must be >= 1, not {d.max_new_tokens}"),

@@ -12,7 +12,15 @@ copied token), so the output stays the target's own.
 
 from __future__ import annotations
 
+import logging
+from collections import deque
+from pathlib import Path
+
 import torch
+
+from tide.errors import TideError
+
+log = logging.getLogger(__name__)
 
 
 def lookup_draft(sequence: torch.Tensor, max_ngram: int, min_ngram: int, k: int,
@@ -54,3 +62,108 @@ def _agree_backwards(a: torch.Tensor, b: torch.Tensor, limit: int) -> int:
         return 0
     same = (a[a.shape[0] - span :] == b[b.shape[0] - span :]).flip(0)
     return int(same.cumprod(0).sum())
+
+
+class AnswerHistory:
+    """Drafts from the answers served before (SuffixDecoding, Oliaro 2024; REST, He 2023), at
+    no training cost: the moment an answer is served, its phrasing drafts the next requests.
+
+    Counts of the token that followed every context of `min_ngram`..`max_ngram` tokens in the
+    answers added so far. A draft is a greedy chain: the longest context of the text's end that
+    the history knows decides the next token, the one that followed it most often, as long as it
+    did so at least `min_count` times and in at least `min_share` of them; the chain stops at
+    the first context that is unknown or undecided. Where a model's answers share their
+    phrasing (`To solve this problem, we...`, the code around a function), the chain is often
+    right for several tokens; where they do not it stays silent and the head drafts.
+
+    Bounded memory: past `max_tokens` answer tokens, the oldest answers are forgotten (their
+    counts taken back). Lossless like any draft: its tokens are verified by the target.
+    Not thread-safe; the serving engine adds and drafts under its decode lock."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2, max_tokens: int = 200_000,
+                 min_count: int = 2, min_share: float = 0.6):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.min_ngram, self.max_ngram, self.max_tokens = min_ngram, max_ngram, max_tokens
+        self.min_count, self.min_share = min_count, min_share
+        self._next: dict[tuple[int, ...], dict[int, int]] = {}
+        self._answers: deque[tuple[list[int], int]] = deque()  # (context + answer, where it starts)
+        self.tokens = 0  # answer tokens held
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def add(self, context: list[int], answer: list[int]) -> None:
+        """Learn an answer; `context`: the tokens before it (the end of its prompt), so that the
+        answer's first tokens are learned too."""
+        if not answer:
+            return
+        seq = [*context[-self.max_ngram:], *answer]
+        first = len(seq) - len(answer)
+        self._count(seq, first, +1)
+        self._answers.append((seq, first))
+        self.tokens += len(answer)
+        while self.tokens > self.max_tokens and len(self._answers) > 1:
+            old, old_first = self._answers.popleft()
+            self._count(old, old_first, -1)
+            self.tokens -= len(old) - old_first
+
+    def _count(self, seq: list[int], first: int, sign: int) -> None:
+        for e in range(first, len(seq)):  # seq[e] follows the contexts ending at e - 1
+            for n in range(self.min_ngram, min(self.max_ngram, e) + 1):
+                ctx = tuple(seq[e - n : e])
+                nxt = self._next.setdefault(ctx, {})
+                c = nxt.get(seq[e], 0) + sign
+                if c > 0:
+                    nxt[seq[e]] = c
+                else:
+                    nxt.pop(seq[e], None)
+                    if not nxt:
+                        del self._next[ctx]
+
+    def draft(self, sequence: list[int], k: int) -> list[int] | None:
+        """Up to k tokens to follow `sequence` (its last token the next token y), or None."""
+        out, ctx = [], list(sequence[-self.max_ngram:])
+        while len(out) < k:
+            for n in range(min(self.max_ngram, len(ctx)), self.min_ngram - 1, -1):
+                nxt = self._next.get(tuple(ctx[-n:]))
+                if nxt is not None:
+                    break
+            else:
+                break
+            token, count = max(nxt.items(), key=lambda kv: kv[1])
+            if count < self.min_count or count < self.min_share * sum(nxt.values()):
+                break
+            out.append(token)
+            ctx.append(token)
+        return out or None
+
+
+class HistoryError(TideError, ValueError):
+    """A history seed that cannot be read; the message names the folder."""
+
+
+def history_from_config(cfg, skip_prompts: set[tuple[int, ...]] = frozenset()) -> AnswerHistory | None:
+    """cfg: TideConfig. The replica's history when decode.history_k > 0, seeded with the answers
+    of serving.history_records (a records folder) when set; else None. Records whose prompt
+    (token ids) is in skip_prompts are left out: `tide tune` replays those prompts."""
+    if not cfg.decode.history_k:
+        return None
+    s = cfg.serving
+    history = AnswerHistory(max_ngram=s.history_ngram, max_tokens=s.history_tokens)
+    if s.history_records:
+        from tide.records import RecordError, load_records
+
+        folder = Path(s.history_records).expanduser()
+        if not folder.is_dir():
+            raise HistoryError(f"serving.history_records: no such folder: {folder}")
+        try:
+            records = load_records(folder)
+        except RecordError as e:
+            raise HistoryError(f"serving.history_records: {folder}: {e}") from None
+        for r in records:
+            ids = r.input_ids.tolist()
+            if tuple(ids[: r.prompt_len]) not in skip_prompts:
+                history.add(ids[: r.prompt_len], ids[r.prompt_len :])
+        log.info("answer history: %d answers (%d tokens) from %s", len(history), history.tokens, folder)
+    return history

@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from tide.config import DecodeConfig
 from tide.draft_head import DraftCache, DraftHead
 from tide.errors import TideError
-from tide.lookup import lookup_draft
+from tide.lookup import AnswerHistory, lookup_draft
 from tide.models import Target
 from tide.rejection import accept_greedy, accept_sampling, target_probs
 from tide.tree import DraftTree, accept_tree_greedy, keep_cache_rows, propose_tree, tree_attention_mask
@@ -50,6 +50,8 @@ class Generation:
     accepted_per_pos: list[int] = field(default_factory=list)
     lookup_passes: int = 0  # verify passes that checked prompt-lookup tokens instead of the head's
     lookup_accepted: int = 0  # draft tokens of those passes accepted
+    history_passes: int = 0  # passes that checked a chain from earlier answers (AnswerHistory)
+    history_accepted: int = 0
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -64,10 +66,12 @@ class Generation:
 
     @property
     def head_accept_len(self) -> float:
-        """Acceptance length of the passes the draft head drafted (prompt lookup's left out): what
-        the online trainer watches for drift. 0.0 when lookup drafted every pass."""
-        passes = self.passes - self.lookup_passes
-        return (self.accepted - self.lookup_accepted + passes) / passes if passes else 0.0
+        """Acceptance length of the passes the draft head drafted (prompt lookup's and the
+        history's left out): what the online trainer watches for drift. 0.0 when the head
+        drafted no pass."""
+        passes = self.passes - self.lookup_passes - self.history_passes
+        accepted = self.accepted - self.lookup_accepted - self.history_accepted
+        return (accepted + passes) / passes if passes else 0.0
 
 
 @dataclass
@@ -241,8 +245,10 @@ def _finish(new: list[int], eos: set[int], max_new: int) -> tuple[list[int], str
 @torch.inference_mode()
 def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
                          params: DecodeConfig, max_context: int = 2048,
-                         capture: bool = False, on_tokens=None) -> Generation:
-    """on_tokens(list[int]) receives the newly final tokens after every verify pass (streaming)."""
+                         capture: bool = False, on_tokens=None, history: AnswerHistory | None = None) -> Generation:
+    """on_tokens(list[int]) receives the newly final tokens after every verify pass (streaming).
+    history: earlier answers that draft where prompt lookup finds nothing and before the head
+    (used when params.history_k > 0; the caller adds the answers, see tide.lookup.AnswerHistory)."""
     _check_room(target, len(prompt_ids), max_context)
     gen = _generator(params)
     t0 = time.perf_counter()
@@ -264,6 +270,10 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
         t0 = time.perf_counter()
         looked = lookup_draft(torch.tensor(s.sequence), params.lookup_ngram, params.lookup_min_ngram,
                               k, min(params.lookup_k, room)) if params.lookup_ngram else None
+        recalled = False
+        if looked is None and history is not None and params.history_k:
+            chain = history.draft(s.sequence, min(params.history_k, room))
+            looked, recalled = (torch.tensor(chain), True) if chain else (None, False)
         if tree and looked is None:
             dt = propose_tree(head, embed, feed_pending(head, embed, s), s.draft_cache, s.length, k,
                               params.tree_topk, min(params.tree_tokens, room))
@@ -284,7 +294,10 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
             a, z = accept(out, draft_tokens, draft_probs, params, gen)
             drafted = len(draft_tokens)
             commit(s, out, list(range(a + 1)), draft_tokens[:a], z, capture)
-        if looked is not None:
+        if recalled:
+            g.history_passes += 1
+            g.history_accepted += a
+        elif looked is not None:
             g.lookup_passes += 1
             g.lookup_accepted += a
         g.draft_s += t1 - t0

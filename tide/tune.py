@@ -16,6 +16,10 @@ minutes and prices every setting on the same answers:
    when on, else the head's chain cut where its probability falls below `draft_threshold`),
    accepts the longest prefix that matches the answer and adds up what the passes cost.
 
+With an answer history (`decode.history_k` > 0 and its seed, serving.history_records), every
+setting with prompt lookup also runs with the history's chains where lookup finds none; the
+history learns each answer after its replay, as a replica learns a served one.
+
 Predicted speedup: answer tokens x one target step / the passes' cost (decode only; prefill is
 the same for both and left out). Greedy chains only: trees and sampling are not replayed. Tune on
 prompts the head did not train on (`--holdout`: the warm start's held-out prompts), then check
@@ -34,7 +38,7 @@ from transformers import DynamicCache
 
 from tide.config import DecodeConfig
 from tide.draft_head import DraftCache, DraftHead
-from tide.lookup import lookup_draft
+from tide.lookup import AnswerHistory, lookup_draft
 from tide.models import Target
 from tide.speculative import target_forward, target_generate
 from tide.tree import keep_cache_rows
@@ -61,6 +65,7 @@ class Costs:
     draft_call: float  # one draft layer call over one position
     draft_logits: float  # the draft's LM head and softmax for one position
     lookup: float = 0.0  # one prompt-lookup search (measured during the replay)
+    history: float = 0.0  # one answer-history chain (measured during the replay)
 
 
 @dataclass
@@ -70,13 +75,14 @@ class Setting:
     lookup_ngram: int
     lookup_min_ngram: int
     lookup_k: int
+    history_k: int = 0
 
     def overrides(self) -> str:
         out = f"decode.k={self.k} decode.draft_threshold={self.draft_threshold}"
         if self.lookup_ngram:
             out += (f" decode.lookup_ngram={self.lookup_ngram} decode.lookup_min_ngram={self.lookup_min_ngram}"
                     f" decode.lookup_k={self.lookup_k}")
-        return out + " decode.tree_topk=0"
+        return out + f" decode.history_k={self.history_k} decode.tree_topk=0"
 
 
 @torch.inference_mode()
@@ -161,22 +167,29 @@ def head_draft_ms(c: Costs, drafted: int, k: int) -> float:
     return c.draft_call * (drafted + cut) + c.draft_logits * (drafted + cut)
 
 
-def replay(answers: list[Answer], s: Setting, c: Costs, lookups: dict) -> dict:
-    """Walk every answer pass by pass under setting s; returns tokens, passes and their cost."""
-    tokens = passes = lookup_passes = drafted = 0
+def replay(answers: list[Answer], s: Setting, c: Costs, lookups: dict, recalls: dict | None = None) -> dict:
+    """Walk every answer pass by pass under setting s; returns tokens, passes and their cost.
+    recalls[(answer, L)]: the history's chain at that state (the longest one; a setting reads
+    its first history_k tokens)."""
+    tokens = passes = lookup_passes = history_passes = drafted = 0
     ms = 0.0
     for ai, a in enumerate(answers):
         L, T = a.prompt_len, len(a.ids) - 1
         while L < T:  # y = x_L is known; x_{L+1}.. is the truth the drafts are checked against
             copy = lookups.get((ai, L, s.lookup_ngram, s.lookup_min_ngram, s.k, s.lookup_k)) if s.lookup_ngram else None
+            searched = c.lookup if s.lookup_ngram else 0.0
+            recall = (recalls or {}).get((ai, L)) if s.history_k and copy is None else None
             if copy is not None:
                 draft, cost = copy, c.lookup
                 lookup_passes += 1
+            elif recall is not None:
+                draft, cost = recall[: s.history_k], searched + c.history
+                history_passes += 1
             else:
                 row = L - a.prompt_len
                 w = chain_length(a.probs[row], s.k, s.draft_threshold)
                 draft = a.chains[row, :w].tolist()
-                cost = head_draft_ms(c, w, s.k) + (c.lookup if s.lookup_ngram else 0.0)
+                cost = head_draft_ms(c, w, s.k) + searched + (c.history if s.history_k else 0.0)
             truth = a.ids[L + 1 : L + 1 + len(draft)]
             acc = 0
             while acc < len(truth) and draft[acc] == truth[acc]:
@@ -186,7 +199,8 @@ def replay(answers: list[Answer], s: Setting, c: Costs, lookups: dict) -> dict:
             tokens += min(acc + 1, T - L)
             passes += 1
             L += acc + 1
-    return {"tokens": tokens, "passes": passes, "lookup_passes": lookup_passes, "drafted": drafted, "ms": ms}
+    return {"tokens": tokens, "passes": passes, "lookup_passes": lookup_passes, "history_passes": history_passes,
+            "drafted": drafted, "ms": ms}
 
 
 def lookup_table(answers: list[Answer], settings: list[Setting]) -> tuple[dict, float]:
@@ -207,40 +221,63 @@ def lookup_table(answers: list[Answer], settings: list[Setting]) -> tuple[dict, 
     return table, 1000 * spent / max(calls, 1)
 
 
-def settings_grid(max_k: int, ngram: int, min_ngram: int) -> list[Setting]:
+def history_table(answers: list[Answer], history: AnswerHistory, history_k: int) -> tuple[dict, float]:
+    """The history's chain at every state of each answer, the history learning each answer after
+    it (as a replica learns what it served); and the mean time of one chain (ms)."""
+    table, spent, calls = {}, 0.0, 0
+    for ai, a in enumerate(answers):
+        for L in range(a.prompt_len, len(a.ids) - 1):
+            t0 = time.perf_counter()
+            chain = history.draft(a.ids[: L + 1], history_k)
+            spent += time.perf_counter() - t0
+            calls += 1
+            if chain:
+                table[(ai, L)] = chain
+        history.add(a.ids[: a.prompt_len], a.ids[a.prompt_len :])
+    return table, 1000 * spent / max(calls, 1)
+
+
+def settings_grid(max_k: int, ngram: int, min_ngram: int, history_k: int = 0) -> list[Setting]:
     grid = []
     for k in range(1, max_k + 1):
         for th in THRESHOLDS if k > 1 else (0.0,):
             grid.append(Setting(k, th, 0, min_ngram, 0))
             if ngram:
                 grid += [Setting(k, th, ngram, min_ngram, lk) for lk in LOOKUP_KS if lk == 0 or lk > k]
+    if history_k:  # the history beside every lookup setting
+        grid += [replace(s, history_k=history_k) for s in grid if s.lookup_ngram]
     return grid
 
 
 def run_tune(target: Target, head: DraftHead, prompts: list[list[int]], params: DecodeConfig,
-             max_context: int, max_k: int, lookup_ngram: int = 3, lookup_min_ngram: int = 2) -> dict:
-    """prompts: token ids; answers run to params.max_new_tokens. Returns the measured costs and
-    every setting's predicted figures, best first."""
+             max_context: int, max_k: int, lookup_ngram: int = 3, lookup_min_ngram: int = 2,
+             history: AnswerHistory | None = None) -> dict:
+    """prompts: token ids; answers run to params.max_new_tokens. With a history (and
+    params.history_k > 0), the lookup settings are also priced with its chains. Returns the
+    measured costs and every setting's predicted figures, best first."""
     answers = []
     t0 = time.perf_counter()
     for i, ids in enumerate(prompts):
         answers.append(answer(target, head, ids, params, max_context, max_k))
         log.info("[%d/%d] answered and replayed the head's chains (%.0f s)", i + 1, len(prompts),
                  time.perf_counter() - t0)
-    grid = settings_grid(max_k, lookup_ngram, lookup_min_ngram)
+    history_k = params.history_k if history is not None else 0
+    grid = settings_grid(max_k, lookup_ngram, lookup_min_ngram, history_k)
     lookups, lookup_ms = lookup_table(answers, grid)
+    recalls, history_ms = history_table(answers, history, history_k) if history_k else ({}, 0.0)
     widest = max(max_k, *LOOKUP_KS) + 1
     context = max(answers, key=lambda a: len(a.ids)).ids
     log.info("measuring verify passes of 1..%d tokens on a %d-token context", widest, len(context))
     costs = measure_costs(target, head, context, widest)
-    costs.lookup = lookup_ms
+    costs.lookup, costs.history = lookup_ms, history_ms
     rows = []
     for s in grid:
-        r = replay(answers, s, costs, lookups)
+        r = replay(answers, s, costs, lookups, recalls)
         rows.append({**asdict(s), "overrides": s.overrides(),
                      "predicted_speedup": round(r["tokens"] * costs.target_step / r["ms"], 3),
                      "mean_accept_len": round(r["tokens"] / r["passes"], 3),
-                     "lookup_pass_share": round(r["lookup_passes"] / r["passes"], 3)})
+                     "lookup_pass_share": round(r["lookup_passes"] / r["passes"], 3),
+                     "history_pass_share": round(r["history_passes"] / r["passes"], 3)})
     rows.sort(key=lambda r: -r["predicted_speedup"])
     return {"n_prompts": len(answers), "answer_tokens": sum(len(a.ids) - a.prompt_len for a in answers),
             "costs_ms": {**asdict(costs), "verify": [round(v, 2) for v in costs.verify]},

@@ -50,3 +50,18 @@ def test_bench_reports_lookup_beside_the_head_against_the_head_alone(tiny_model_
     assert 0 < out["lookup_pass_share"] <= 1 and out["lookup_accept_len"] >= 1.0
     assert "lookup_pass_share" not in out["chain"]  # the reference is the head alone
     assert out["per_workload"]["a"]["lookup_pass_share"] == out["lookup_pass_share"]
+
+
+def test_bench_history_learns_each_answer_for_the_prompts_after_it(tiny_model_dir):
+    """decode.history_k: the bench learns every prompt's answer once its runs are done, as a
+    replica does; a prompt asked again drafts from the first answer, and the chain reference
+    (the head alone) does not use the history."""
+    cfg = load_config(overrides=[f"model.source={tiny_model_dir}", "model.dtype=float32", "decode.k=2",
+                                 "decode.history_k=6", "decode.max_new_tokens=16"])
+    again = Prompt("one two three four", chat=False)
+    out = run_bench(cfg, {"a": [again], "b": [again]}, None, chain_k=2)
+    assert out["exact_match"] is True and out["chain"]["exact_prompts"] == 2
+    assert "history_pass_share" not in out["per_workload"]["a"]  # the first time: nothing learned
+    b = out["per_workload"]["b"]
+    assert b["history_pass_share"] > 0 and b["history_accept_len"] > 2.0
+    assert out["history_pass_share"] > 0 and "history_pass_share" not in out["chain"]

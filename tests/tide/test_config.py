@@ -29,6 +29,9 @@ def test_defaults_and_overrides():
     (["decode.lookup_ngram=3", "decode.lookup_min_ngram=4"], "decode.lookup_min_ngram must be in"),
     (["decode.lookup_ngram=3", "decode.lookup_min_ngram=0"], "decode.lookup_min_ngram must be in"),
     (["decode.lookup_k=-1"], "decode.lookup_k must be >= 0"),
+    (["decode.history_k=-1"], "decode.history_k must be >= 0"),
+    (["serving.history_ngram=1"], "serving.history_ngram must be >= 2"),
+    (["serving.history_tokens=0"], "serving.history_tokens must be >= 1"),
     (["decode.draft_threshold=1"], "decode.draft_threshold must be in"),
     (["decode.draft_threshold=-0.1"], "decode.draft_threshold must be in"),
 ])

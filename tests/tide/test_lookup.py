@@ -101,6 +101,37 @@ def test_greedy_with_lookup_matches_target_alone(tiny, tree_topk, lookup_k):
         assert beyond_k == 0
 
 
+@pytest.mark.parametrize("tree_topk", [0, 3])
+def test_greedy_with_the_answer_history_matches_target_alone(tiny, tree_topk):
+    """A history that learned the target's answers to some prompts (and noise: answers the target
+    never gives) drafts where prompt lookup finds nothing; the output stays the target's own,
+    with lookup's copies, the history's chains and the head's drafts taking turns."""
+    from tide.lookup import AnswerHistory
+
+    params = DecodeConfig(k=3, max_new_tokens=40, lookup_ngram=3, lookup_min_ngram=3, history_k=6,
+                          tree_topk=tree_topk, tree_tokens=8)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 90, (6,), generator=g).tolist() for _ in range(4)]
+    history = AnswerHistory(max_ngram=3, min_count=1)
+    for p in prompts[:2]:  # answers seen before: the history is right on them
+        history.add(p, target_generate(tiny, p, params).tokens)
+    for _ in range(4):  # answers never given: drafts the target rejects
+        history.add([], torch.randint(1, 90, (30,), generator=g).tolist())
+    recalled = accepted = rejected = 0
+    for prompt in prompts:
+        base = target_generate(tiny, prompt, params)
+        spec = speculative_generate(tiny, _noisy_head(tiny), prompt, params, history=history)
+        assert spec.tokens == base.tokens
+        recalled += spec.history_passes
+        accepted += spec.history_accepted
+        heads = spec.passes - spec.lookup_passes - spec.history_passes
+        if heads:
+            assert spec.head_accept_len == pytest.approx(
+                (spec.accepted - spec.lookup_accepted - spec.history_accepted + heads) / heads)
+        rejected += spec.history_passes and spec.history_accepted < spec.drafted - params.k * heads
+    assert recalled > 0 and accepted > 0 and rejected > 0
+
+
 def test_skipped_positions_reach_the_draft_cache_in_order(tiny):
     """After passes drafted by lookup, the head reads the piled-up positions in one call and ends
     in the state it would have reached reading them one pass at a time."""
@@ -124,3 +155,70 @@ def test_skipped_positions_reach_the_draft_cache_in_order(tiny):
         assert len(lazy.draft_cache) == len(eager.draft_cache) == lazy.length
         torch.testing.assert_close(last_lazy, last_eager, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lazy.draft_cache.k, eager.draft_cache.k, atol=1e-5, rtol=1e-5)
+
+
+def test_history_drafts_what_followed_most_often():
+    from tide.lookup import AnswerHistory
+
+    h = AnswerHistory(max_ngram=3, min_count=2, min_share=0.6)
+    assert h.draft([1, 2], 4) is None  # knows nothing yet
+    h.add([], [1, 2, 3, 4])
+    assert h.draft([5, 1, 2], 4) is None  # seen once: below min_count
+    h.add([], [1, 2, 3, 4])
+    assert h.draft([5, 1, 2], 4) == [3, 4]  # nothing followed 4: the chain stops there
+    assert h.draft([5, 1, 2], 1) == [3]  # k caps the chain
+    h.add([], [1, 2, 7, 7])
+    h.add([], [1, 2, 7, 7])
+    assert h.draft([5, 1, 2], 4) is None  # 3 and 7 tie: undecided, no draft
+    h.add([], [0, 1, 2, 9])
+    h.add([], [0, 1, 2, 9])
+    assert h.draft([0, 1, 2], 1) == [9]  # the longest known context decides
+    assert h.draft([6, 1, 2], 1) is None  # (1, 2) alone: 3, 7, 9 tie
+    assert len(h) == 6 and h.tokens == 24
+
+
+def test_history_learns_an_answers_first_tokens_from_its_prompt():
+    from tide.lookup import AnswerHistory
+
+    h = AnswerHistory(max_ngram=2, min_count=1)
+    h.add([4, 7, 8], [1, 2])
+    assert h.draft([3, 7, 8], 3) == [1, 2]  # (7, 8) -> 1: the prompt's end is the context
+    assert h.draft([9, 4, 7], 1) is None  # prompt tokens before the last max_ngram are not learned
+    assert h.tokens == 2
+
+
+def test_history_forgets_the_oldest_answers_exactly():
+    from tide.lookup import AnswerHistory
+
+    h = AnswerHistory(max_ngram=3, max_tokens=5, min_count=1)
+    h.add([9], [1, 2, 3, 4])
+    h.add([8], [5, 6, 7])
+    h.add([8], [5, 6, 1])  # 10 tokens > 5: the oldest go until 3 are left
+    only = AnswerHistory(max_ngram=3, max_tokens=5, min_count=1)
+    only.add([8], [5, 6, 1])
+    assert h._next == only._next and h.tokens == 3 and len(h) == 1
+    assert h.draft([0, 1, 2], 2) is None and h.draft([0, 5, 6], 1) == [1]
+
+
+def test_history_from_config_seeds_from_a_records_folder(tmp_path):
+    from tide.config import load_config
+    from tide.lookup import HistoryError, history_from_config
+    from tide.records import HiddenStateRecord, save_records
+
+    assert history_from_config(load_config(overrides=[])) is None  # decode.history_k=0: off
+    ids = torch.tensor([5, 6, 1, 2, 3, 4])
+    rec = HiddenStateRecord(request_id="r", target_model_id="m", draft_version=0, input_ids=ids,
+                            features=torch.zeros(5, 6), final_hidden=torch.zeros(5, 2), prompt_len=2)
+    save_records([rec, rec], tmp_path / "recs")
+
+    def seeded(folder):
+        return history_from_config(load_config(overrides=["decode.history_k=4", f"serving.history_records={folder}"]))
+
+    h = seeded(tmp_path / "recs")
+    assert len(h) == 2 and h.tokens == 8 and h.draft([5, 6], 4) == [1, 2, 3, 4]
+    with pytest.raises(HistoryError, match="no such folder"):
+        seeded(tmp_path / "nope")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "00000.rec").write_bytes(b"not a record")
+    with pytest.raises(HistoryError, match="bad"):
+        seeded(tmp_path / "bad")

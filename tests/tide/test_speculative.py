@@ -143,12 +143,15 @@ def _exact_marginals(target, prompt, V):
     return m2, m3
 
 
-@pytest.mark.parametrize("lookup,lookup_k,tau", [(0, 0, 0.0), (1, 3, 0.0), (0, 0, 0.3)])
-def test_sampling_end_to_end_matches_target_distribution(lookup, lookup_k, tau):
+@pytest.mark.parametrize("lookup,lookup_k,tau,recall", [(0, 0, 0.0, 0), (1, 3, 0.0, 0), (0, 0, 0.3, 0), (0, 0, 0.0, 3)])
+def test_sampling_end_to_end_matches_target_distribution(lookup, lookup_k, tau, recall):
     """Tokens 2 and 3 go through draft + rejection; their marginals must equal the target's.
     With lookup, drafts copied from the prompt (a point-mass draft distribution) take turns with
     the head's; lookup_k=3 copies more tokens than the head drafts (k=2). With a draft threshold
-    the chain's length depends on what the draft sampled."""
+    the chain's length depends on what the draft sampled. With recall, chains of up to 3 tokens
+    from an answer history (point masses too) take turns with the head's."""
+    from tide.lookup import AnswerHistory
+
     V = 10
     target = tiny_target(vocab=V, init=0.4, seed=1)
     target.model.generation_config.eos_token_id = None  # no early stop: every run yields 3 tokens
@@ -158,21 +161,27 @@ def test_sampling_end_to_end_matches_target_distribution(lookup, lookup_k, tau):
     m2, m3 = _exact_marginals(target, prompt, V)
     n = 2500
     c2, c3 = torch.zeros(V), torch.zeros(V)
-    accepted = drafted = looked = passes = 0
+    history = AnswerHistory(max_ngram=2, min_count=1) if recall else None
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3 if recall else 0):  # some contexts decided, others tied: both kinds of pass
+        history.add([], torch.randint(0, V, (12,), generator=g).tolist())
+    accepted = drafted = looked = recalled = passes = 0
     for i in range(n):
         g = speculative_generate(target, head, prompt, DecodeConfig(
             k=2, max_new_tokens=3, temperature=1.0, seed=i, lookup_ngram=lookup, lookup_min_ngram=1,
-            lookup_k=lookup_k, draft_threshold=tau))
+            lookup_k=lookup_k, draft_threshold=tau, history_k=recall), history=history)
         c2[g.tokens[1]] += 1
         c3[g.tokens[2]] += 1
         accepted += g.accepted
         drafted += g.drafted
         looked += g.lookup_passes
+        recalled += g.history_passes
         passes += g.passes
     tv2 = 0.5 * float((c2 / n - m2).abs().sum())
     tv3 = 0.5 * float((c3 / n - m3).abs().sum())
     assert 0 < accepted < n * 2  # both accept and reject paths were exercised
     assert (0 < looked < passes) if lookup else looked == 0, (looked, passes)  # lookup: both kinds
+    assert (0 < recalled < passes) if recall else recalled == 0, (recalled, passes)
     if tau:
         assert passes < drafted < 2 * passes  # chains of one and of two tokens
     assert tv2 < 0.05 and tv3 < 0.05, (tv2, tv3)  # noise alone gives ~0.02 at n=2500, V=10

@@ -4,8 +4,19 @@ import torch
 from tests.tide.test_lookup import _repetitive_prompts
 from tests.tide.test_speculative import _good_head, _noisy_head
 from tide.config import DecodeConfig
+from tide.lookup import AnswerHistory
 from tide.speculative import speculative_generate
-from tide.tune import Costs, Setting, answer, chain_length, head_draft_ms, lookup_table, replay, run_tune
+from tide.tune import (
+    Costs,
+    Setting,
+    answer,
+    chain_length,
+    head_draft_ms,
+    history_table,
+    lookup_table,
+    replay,
+    run_tune,
+)
 
 
 def _peaked(head):
@@ -30,24 +41,38 @@ def test_head_draft_cost_counts_the_calls_propose_makes():
 
 
 @pytest.mark.parametrize("setting", [Setting(3, 0.0, 0, 2, 0), Setting(5, 0.3, 0, 2, 0),
-                                     Setting(3, 0.2, 3, 2, 0), Setting(2, 0.0, 3, 2, 9)])
+                                     Setting(3, 0.2, 3, 2, 0), Setting(2, 0.0, 3, 2, 9),
+                                     Setting(2, 0.0, 3, 2, 0, history_k=6)])
 def test_replay_takes_the_passes_decode_takes(tiny, setting):
     """The replay's passes, lookup passes and drafted tokens are those of the real speculative
-    loop under the same setting, on the same prompts: what it prices is what decode does."""
+    loop under the same setting, on the same prompts: what it prices is what decode does. With a
+    history, each prompt is asked twice and the history learns every answer after it, in the
+    replay as in the loop: the second time it drafts from the first answer."""
     params = DecodeConfig(k=setting.k, max_new_tokens=40, draft_threshold=setting.draft_threshold,
                           lookup_ngram=setting.lookup_ngram, lookup_min_ngram=setting.lookup_min_ngram,
-                          lookup_k=setting.lookup_k)
+                          lookup_k=setting.lookup_k, history_k=setting.history_k)
     costs = Costs(target_step=10.0, verify=[0.0] + [10.0 + w for w in range(1, 18)], draft_call=1.0,
                   draft_logits=0.1)
     passes = tokens = 0
     for head in (_peaked(_noisy_head(tiny)), _peaked(_good_head(tiny))):
         prompts = list(_repetitive_prompts())
+        history = real_history = None
+        if setting.history_k:
+            prompts = prompts[:2] * 2
+            history, real_history = AnswerHistory(min_count=1), AnswerHistory(min_count=1)
         answers = [answer(tiny, head, p, params, 2048, max_k=5) for p in prompts]
         lookups, _ = lookup_table(answers, [setting])
-        r = replay(answers, setting, costs, lookups)
-        real = [speculative_generate(tiny, head, p, params) for p in prompts]
+        recalls = history_table(answers, history, setting.history_k)[0] if history is not None else None
+        r = replay(answers, setting, costs, lookups, recalls)
+        real = []
+        for p in prompts:
+            real.append(speculative_generate(tiny, head, p, params, history=real_history))
+            if real_history is not None:
+                real_history.add(p, real[-1].tokens)
         assert r["passes"] == sum(g.passes for g in real)
         assert r["lookup_passes"] == sum(g.lookup_passes for g in real)
+        assert r["history_passes"] == sum(g.history_passes for g in real)
+        assert r["history_passes"] > 0 if setting.history_k else r["history_passes"] == 0
         assert r["drafted"] == sum(g.drafted for g in real)
         assert r["tokens"] == sum(len(g.tokens) - 1 for g in real)  # the first comes from prefill
         assert [a.ids[a.prompt_len :] for a in answers] == [g.tokens for g in real]
