@@ -145,7 +145,9 @@ def load_target(cfg: ModelConfig, feature_layers: list[int] | tuple[int, ...] = 
     if cfg.skinny_matmul:
         use_skinny_matmul(model, cfg.bf16_kernel)
         if model.dtype == torch.bfloat16 and any(getattr(m, "bf16_ext", None) for m in model.modules()):
-            use_kernel_attention(model)
+            from tide import kernels
+
+            use_kernel_attention(model, kernels.kernel_rows(cfg.bf16_kernel))
     n = model.config.num_hidden_layers
     layers = tuple(feature_layers) or default_feature_layers(n)
     if len(layers) != 3 or not all(0 <= i <= n for i in layers):
@@ -170,12 +172,15 @@ class SkinnyLinear(nn.Linear):
     tokens costs what a single step costs (1.0-1.07 steps; 1.1-1.35 with the previous kernel, 2-4
     with torch's), 17 tokens ~2.2 steps; a single step runs ~10% faster than with torch's own bf16
     gemv, so one-row products take the kernel too (the target alone gains as much as speculation).
+    On AVX512-BF16 CPUs without AMX, passes of up to `bf16_rows` rows (tide.kernels.kernel_rows)
+    take the kernel and wider ones torch's bf16 units.
 
     fp32 single rows, autograd and shapes the fast paths do not cover keep the stock path.
     """
 
     max_rows = 128
     bf16_ext = None  # per module, set by use_skinny_matmul where tide.kernels is wanted and built
+    bf16_rows = 1 << 30  # per module: the kernel takes passes of up to this many rows (kernel_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -185,7 +190,7 @@ class SkinnyLinear(nn.Linear):
         if self.weight.dtype == torch.float32 and 1 < rows <= self.max_rows:
             y = torch.mm(self.weight, x2.t()).t()  # (rows, out)
         elif (self.weight.dtype == torch.bfloat16 and self.bf16_ext is not None and x.device.type == "cpu"
-              and self.in_features % 8 == 0):
+              and self.in_features % 8 == 0 and rows <= self.bf16_rows):
             if x2.dtype not in (torch.float32, torch.bfloat16):
                 x2 = x2.float()
             y = self.bf16_ext.bf16_linear(x2.contiguous(), self.weight).to(x.dtype)  # (rows, out)
@@ -200,16 +205,17 @@ def use_skinny_matmul(model: nn.Module, bf16_kernel: str = "auto") -> nn.Module:
     """Make every plain nn.Linear a SkinnyLinear in place: same parameters, ties and keys; bf16
     ones take `tide.kernels` where `bf16_kernel` (`model.bf16_kernel`) wants it."""
     linears = [m for m in model.modules() if type(m) is nn.Linear]
-    ext = None
+    ext, rows = None, 0
     if any(m.weight.dtype == torch.bfloat16 for m in linears):
         from tide import kernels
 
-        ext = kernels.bf16_kernel(bf16_kernel)
+        ext, rows = kernels.bf16_kernel(bf16_kernel), kernels.kernel_rows(bf16_kernel)
     for module in linears:
         if module.weight.dtype == torch.bfloat16 and not module.weight.is_contiguous():
             continue  # the kernel reads the weight in place
         module.__class__ = SkinnyLinear
         module.bf16_ext = ext
+        module.bf16_rows = rows
     return model
 
 
@@ -233,7 +239,7 @@ def kernel_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     B, H, n, D = query.shape
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     fits = (kernels.attention_fits(query, key, value) and not dropout and kwargs.get("softcap") is None
-            and not kwargs.get("output_attentions"))
+            and not kwargs.get("output_attentions") and n <= getattr(module, "tide_kernel_rows", kernels.ALL_ROWS))
     mask = _kernel_mask(attention_mask, B, n, key.shape[2]) if fits else False
     if mask is False or (mask is None and not causal):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -256,14 +262,19 @@ def _kernel_mask(mask, B: int, n: int, T: int):
     return m.contiguous() if m.dtype == torch.bool else m.float().contiguous()
 
 
-def use_kernel_attention(model: nn.Module) -> nn.Module:
-    """Route a bf16 model's attention through `kernel_attention` (masks built as for SDPA)."""
+def use_kernel_attention(model: nn.Module, max_rows: int | None = None) -> nn.Module:
+    """Route a bf16 model's attention through `kernel_attention` (masks built as for SDPA);
+    passes of more than max_rows query rows (None: no limit) go to SDPA."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(KERNEL_ATTENTION, kernel_attention)
     AttentionMaskInterface.register(KERNEL_ATTENTION, sdpa_mask)
     model.set_attn_implementation(KERNEL_ATTENTION)
+    if max_rows is not None:
+        for m in model.modules():
+            if hasattr(m, "q_proj"):  # an attention layer: kernel_attention reads the limit off it
+                m.tide_kernel_rows = max_rows
     return model
 
 

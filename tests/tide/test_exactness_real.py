@@ -97,3 +97,16 @@ def test_bf16_on_the_kernels_is_exact_too(prompts, trained_head):
     chain = _check(target, head, prompts[:n], baselines, k=3)
     tree = _check(target, head, prompts[:n // 2], baselines[:n // 2], k=3, tree_topk=3)
     assert sum(chain) / n > 1.0 and sum(tree) / (n // 2) > 1.0  # accepted drafts, not only rejections
+
+
+@pytest.mark.skipif(kernels.kernel_rows("auto") < 4,
+                    reason="auto gives 4-row passes to torch's bf16 on this CPU (AMX, or no AVX2)")
+def test_bf16_default_is_exact_on_narrow_passes(prompts, trained_head):
+    """The default `model.bf16_kernel=auto`: the kernel takes every pass on AVX2-only CPUs and the
+    passes of up to 8 rows on AVX512-BF16 CPUs without AMX, so a chain of 3 (4-row passes) is
+    token-identical to the bf16 target alone, while prefill runs where it is fastest."""
+    target = load_target(ModelConfig(dtype="bfloat16"))
+    head = copy.deepcopy(trained_head).to(torch.bfloat16)
+    n = 4
+    baselines = [target_generate(target, ids, DecodeConfig(max_new_tokens=40)).tokens for ids in prompts[:n]]
+    assert sum(_check(target, head, prompts[:n], baselines, k=3)) / n > 1.0

@@ -268,3 +268,61 @@ def test_a_bf16_draft_head_attends_on_the_kernel_like_on_sdpa(ext):
                 pos = torch.arange(9 - n, 9)
                 outs.append(head(hidden[:, 9 - n:], embeds[:, 9 - n:], pos, cache, attn_mask=mask)[0])
             torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=0.05, rtol=0.02)
+
+
+def test_auto_gives_the_kernel_narrow_passes_on_bf16_unit_cpus_without_amx(monkeypatch):
+    """auto: every pass on AVX2 CPUs without bf16 units, passes of up to NARROW_ROWS rows with
+    AVX512-BF16 and no AMX, none with AMX (not measured); always: every pass; never: none."""
+    monkeypatch.setattr(kernels, "can_run", lambda: True)
+    cases = [(True, set(), kernels.ALL_ROWS), (False, {"avx512_bf16"}, kernels.NARROW_ROWS),
+             (False, {"avx512_bf16", "amx_bf16"}, 0), (False, set(), 0)]
+    for slow_bf16, flags, rows in cases:
+        monkeypatch.setattr(kernels, "needs_bf16_kernel", lambda s=slow_bf16: s)
+        monkeypatch.setattr(kernels, "_cpu_flags", lambda f=flags: f)
+        assert kernels.kernel_rows("auto") == rows, flags
+        assert kernels.kernel_rows("always") == kernels.ALL_ROWS and kernels.kernel_rows("never") == 0
+        assert kernels.wanted("auto") == (rows > 0)
+    monkeypatch.setattr(kernels, "can_run", lambda: False)
+    assert kernels.kernel_rows("always") == 0
+    with pytest.raises(ValueError, match="auto, always or never"):
+        kernels.kernel_rows("sometimes")
+
+
+@needs_kernel
+def test_passes_wider_than_the_kernels_rows_take_torchs_path(ext, monkeypatch):
+    """bf16_rows / tide_kernel_rows: the linears and the attention give the kernel passes of up
+    to that many rows (which then get the bits of a one-row pass), and wider passes to torch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tide.models import use_kernel_attention
+
+    calls = []
+
+    class Spy:
+        def bf16_linear(self, x, w):
+            calls.append(x.shape[0])
+            return ext.bf16_linear(x, w)
+
+        def bf16_attention(self, q, *args):
+            calls.append(q.shape[2])
+            return ext.bf16_attention(q, *args)
+
+    monkeypatch.setattr(kernels, "built", lambda: Spy())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = use_skinny_matmul(LlamaForCausalLM(cfg).bfloat16().eval(), "always")
+    for m in model.modules():
+        if isinstance(m, SkinnyLinear):
+            m.bf16_ext, m.bf16_rows = Spy(), 4
+    use_kernel_attention(model, max_rows=4)
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        model(ids)
+        assert calls == []  # 9 rows: torch's path throughout
+        row = model(ids[:, :1]).logits
+        assert calls and set(calls) == {1}
+        calls.clear()
+        four = model(ids[:, :4]).logits
+        assert calls and set(calls) == {4}
+    assert torch.equal(row[:, 0], four[:, 0])  # the kernel's rows do not depend on the pass

@@ -9,9 +9,11 @@ single-token steps and speculation in bf16 cannot pay (measured: 0.79x on a 2-co
 bf16 kernels do not: with them bf16 speculation emits exactly the bf16 target's tokens.
 
 `model.bf16_kernel` chooses where it runs: `auto` where torch has no fast bf16 path (AVX2
-without bf16 units), `always` on any AVX2 CPU (exact bf16 where AMX/AVX512-BF16 would be
-faster), `never`. It is built on first use with torch's extension builder (gcc and ninja; ~30 s,
-cached under ~/.cache/torch_extensions); where it cannot be built, the stock path runs.
+without bf16 units), and for passes of up to NARROW_ROWS rows on AVX512-BF16 CPUs without AMX
+(there torch's path is slow for few rows and fast for many); `always` every pass on any AVX2 CPU
+(exact bf16 whatever the pass width); `never`. It is built on first use with torch's extension
+builder (gcc and ninja; ~30 s, cached under ~/.cache/torch_extensions); where it cannot be built,
+the stock path runs.
 """
 
 from __future__ import annotations
@@ -44,11 +46,46 @@ def needs_bf16_kernel() -> bool:
     return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def wanted(mode: str = "auto") -> bool:
-    """`model.bf16_kernel`: auto = where torch's bf16 is slow, always = any AVX2 CPU, never."""
+ALL_ROWS = 1 << 30
+# On CPUs with AVX512-BF16 but no AMX (AMD Zen 4/5, Intel Cooper Lake), torch's bf16 products of a
+# few rows run well below the memory bandwidth: on a 2-core Zen 5 EPYC (the real model, 200
+# tokens of context, median of 5) a step of 1 / 2 / 4 / 8 tokens took 22.9 / 20.6 / 21.2 / 23.3
+# ms with torch's path and 14.4 / 13.7 / 14.9 / 21.2 with the kernel, but 17 tokens 27.6 against
+# 43.9, 48 rows 29.0 against 73.1 and a 200-token prefill 101 against 329 ms: there the bf16 units
+# win. So `auto` gives the kernel the passes of up to this many rows there.
+NARROW_ROWS = 8
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
+def narrow_pays() -> bool:
+    """AVX512-BF16 without AMX (measured on Zen 5; AMX CPUs are not measured and keep torch's)."""
+    flags = _cpu_flags()
+    return can_run() and "avx512_bf16" in flags and "amx_bf16" not in flags
+
+
+def kernel_rows(mode: str = "auto") -> int:
+    """`model.bf16_kernel`: how many rows a pass may have for the kernel to take it (0: none).
+    always: every pass on any AVX2 CPU; auto: every pass where torch's bf16 is slow (AVX2 without
+    bf16 units), passes of up to NARROW_ROWS rows on AVX512-BF16 CPUs without AMX, none
+    elsewhere; never: none."""
     if mode not in ("auto", "always", "never"):
         raise ValueError(f"bf16_kernel mode must be auto, always or never, not {mode!r}")
-    return mode == "always" and can_run() or mode == "auto" and needs_bf16_kernel()
+    if mode == "always":
+        return ALL_ROWS if can_run() else 0
+    if mode == "auto":
+        return ALL_ROWS if needs_bf16_kernel() else NARROW_ROWS if narrow_pays() else 0
+    return 0
+
+
+def wanted(mode: str = "auto") -> bool:
+    """Whether `model.bf16_kernel` wants the kernel for any pass on this CPU."""
+    return kernel_rows(mode) > 0
 
 
 def built():
