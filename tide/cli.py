@@ -218,10 +218,13 @@ def cmd_tune(args) -> int:
           f"{c['target_step']:.1f} ms, draft step {c['draft_call'] + c['draft_logits']:.1f} ms, verify of "
           + " / ".join(f"{w}: {v / c['target_step']:.2f}" for w, v in enumerate(c["verify"])
                        if w in (2, 3, 4, 6, 8, 12, 16)) + " target steps")
-    print(f"{'predicted':>9} {'accept':>6} {'lookup':>6} {'history':>7}  settings")
+    print(f"{'predicted':>9} {'accept':>6} {'lookup':>6} {'history':>7} {'exact':>5}  settings")
     for r in result["settings"][: args.top]:
         print(f"{r['predicted_speedup']:>8.2f}x {r['mean_accept_len']:>6.2f} {r['lookup_pass_share']:>6.0%} "
-              f"{r['history_pass_share']:>7.0%}  {r['overrides']}")
+              f"{r['history_pass_share']:>7.0%} {'yes' if r['bit_exact'] else 'no':>5}  {r['overrides']}")
+    if result["best_any"] != result["best"]:
+        print(f"fastest, not token-identical here (passes wider than {result['exact_rows']} rows): "
+              f"{result['best_any']}")
     print(f"best: {result['best']}")
     return 0
 

@@ -21,9 +21,11 @@ setting with prompt lookup also runs with the history's chains where lookup find
 history learns each answer after its replay, as a replica learns a served one.
 
 Predicted speedup: answer tokens x one target step / the passes' cost (decode only; prefill is
-the same for both and left out). Greedy chains only: trees and sampling are not replayed. Tune on
-prompts the head did not train on (`--holdout`: the warm start's held-out prompts), then check
-the pick with `tide bench`.
+the same for both and left out). A setting is `bit_exact` when its widest pass gets single-step
+bits on this machine (fp32; bf16 on tide's kernels, which on AVX512-BF16 CPUs take passes of up
+to 8 rows): `best` is the fastest such setting, `best_any` the fastest of all. Greedy chains
+only: trees and sampling are not replayed. Tune on prompts the head did not train on
+(`--holdout`: the warm start's held-out prompts), then check the pick with `tide bench`.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from tide.tree import keep_cache_rows
 log = logging.getLogger(__name__)
 
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5)
-LOOKUP_KS = (0, 8, 12, 16)  # 0: copies of k tokens
+LOOKUP_KS = (0, 7, 8, 12, 16)  # 0: copies of k tokens; 7: passes of 8 rows (tide.kernels.NARROW_ROWS)
 
 
 @dataclass
@@ -76,6 +78,10 @@ class Setting:
     lookup_min_ngram: int
     lookup_k: int
     history_k: int = 0
+
+    def widest_pass(self) -> int:
+        """Rows of the widest verify pass this setting makes: y and its longest draft."""
+        return 1 + max(self.k, self.lookup_k if self.lookup_ngram else 0, self.history_k)
 
     def overrides(self) -> str:
         out = f"decode.k={self.k} decode.draft_threshold={self.draft_threshold}"
@@ -237,6 +243,19 @@ def history_table(answers: list[Answer], history: AnswerHistory, history_k: int)
     return table, 1000 * spent / max(calls, 1)
 
 
+def exact_rows(target: Target) -> int:
+    """The widest pass whose rows get single-step bits on this machine: every pass in fp32; in
+    bf16 the passes tide's kernels take (tide.kernels.kernel_rows; 0 where torch's bf16 path
+    runs them all, which is not bit-stable across widths)."""
+    if target.dtype != torch.bfloat16:
+        return 1 << 30
+    if not target.skinny_matmul:
+        return 0
+    from tide import kernels
+
+    return kernels.kernel_rows(target.bf16_kernel)
+
+
 def settings_grid(max_k: int, ngram: int, min_ngram: int, history_k: int = 0) -> list[Setting]:
     grid = []
     for k in range(1, max_k + 1):
@@ -244,8 +263,10 @@ def settings_grid(max_k: int, ngram: int, min_ngram: int, history_k: int = 0) ->
             grid.append(Setting(k, th, 0, min_ngram, 0))
             if ngram:
                 grid += [Setting(k, th, ngram, min_ngram, lk) for lk in LOOKUP_KS if lk == 0 or lk > k]
-    if history_k:  # the history beside every lookup setting
-        grid += [replace(s, history_k=history_k) for s in grid if s.lookup_ngram]
+    if history_k:  # the history beside every lookup setting, also with chains of at most 7
+        with_lookup = [s for s in grid if s.lookup_ngram]
+        for hk in sorted({history_k, min(history_k, 7)}):
+            grid += [replace(s, history_k=hk) for s in with_lookup]
     return grid
 
 
@@ -270,6 +291,7 @@ def run_tune(target: Target, head: DraftHead, prompts: list[list[int]], params: 
     log.info("measuring verify passes of 1..%d tokens on a %d-token context", widest, len(context))
     costs = measure_costs(target, head, context, widest)
     costs.lookup, costs.history = lookup_ms, history_ms
+    limit = exact_rows(target)  # wider passes than this are not token-identical to the target alone
     rows = []
     for s in grid:
         r = replay(answers, s, costs, lookups, recalls)
@@ -277,8 +299,11 @@ def run_tune(target: Target, head: DraftHead, prompts: list[list[int]], params: 
                      "predicted_speedup": round(r["tokens"] * costs.target_step / r["ms"], 3),
                      "mean_accept_len": round(r["tokens"] / r["passes"], 3),
                      "lookup_pass_share": round(r["lookup_passes"] / r["passes"], 3),
-                     "history_pass_share": round(r["history_passes"] / r["passes"], 3)})
+                     "history_pass_share": round(r["history_passes"] / r["passes"], 3),
+                     "bit_exact": s.widest_pass() <= limit})
     rows.sort(key=lambda r: -r["predicted_speedup"])
+    exact = [r for r in rows if r["bit_exact"]]
     return {"n_prompts": len(answers), "answer_tokens": sum(len(a.ids) - a.prompt_len for a in answers),
             "costs_ms": {**asdict(costs), "verify": [round(v, 2) for v in costs.verify]},
-            "best": rows[0]["overrides"], "settings": rows}
+            "exact_rows": limit if limit < 1 << 30 else None, "best": (exact or rows)[0]["overrides"],
+            "best_any": rows[0]["overrides"], "settings": rows}

@@ -87,7 +87,8 @@ def test_run_tune_ranks_every_setting_on_measured_costs(tiny):
     rows = out["settings"]
     speedups = [r["predicted_speedup"] for r in rows]
     assert speedups == sorted(speedups, reverse=True) and all(s > 0 for s in speedups)
-    assert out["best"] == rows[0]["overrides"]
+    assert out["best"] == rows[0]["overrides"] == out["best_any"]  # fp32: every setting is exact
+    assert all(r["bit_exact"] for r in rows) and out["exact_rows"] is None
     assert len({r["overrides"] for r in rows}) == len(rows)  # each setting once
     assert {r["k"] for r in rows} == {1, 2, 3}
     assert any(r["lookup_ngram"] for r in rows) and any(not r["lookup_ngram"] for r in rows)
@@ -105,3 +106,21 @@ def test_tune_cli_refuses_without_a_draft_or_prompts(tmp_path, capsys):
     empty.write_text("")
     assert main(["tune", "--prompts", str(empty), "--draft", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip()  # a message, not a traceback
+
+
+def test_best_is_the_fastest_setting_whose_passes_stay_bit_exact(tiny, monkeypatch):
+    """In bf16 where tide's kernels take passes of up to 8 rows, wider settings (copies of 8+,
+    chains of 8+) are priced but not picked: their passes leave the kernels' single-step bits."""
+    import tide.tune as tune
+
+    monkeypatch.setattr(tune, "exact_rows", lambda target: 8)
+    head = _peaked(_good_head(tiny))
+    out = run_tune(tiny, head, list(_repetitive_prompts())[:2], DecodeConfig(max_new_tokens=24), 2048, max_k=3)
+    rows = {r["overrides"]: r for r in out["settings"]}
+    assert out["exact_rows"] == 8 and rows[out["best"]]["bit_exact"]
+    assert all(r["bit_exact"] == (max(r["k"], r["lookup_k"] if r["lookup_ngram"] else 0) + 1 <= 8)
+               for r in rows.values())
+    fastest_exact = max((r for r in rows.values() if r["bit_exact"]), key=lambda r: r["predicted_speedup"])
+    assert rows[out["best"]]["predicted_speedup"] == fastest_exact["predicted_speedup"]
+    assert out["best_any"] == out["settings"][0]["overrides"]
+    assert Setting(1, 0.0, 3, 2, 7).widest_pass() == 8 and Setting(3, 0.0, 3, 2, 0, history_k=9).widest_pass() == 10
