@@ -108,10 +108,9 @@ def cpu_has_bf16_units() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX, read from /proc/cpuinfo;
     False where that cannot be read). There bf16 batches run ~2x faster than fp32; without them
     torch emulates bf16 and it is several times slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+    from tide.kernels import cpu_flags
+
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -278,7 +278,7 @@ def test_auto_gives_the_kernel_narrow_passes_on_bf16_unit_cpus_without_amx(monke
              (False, {"avx512_bf16", "amx_bf16"}, 0), (False, set(), 0)]
     for slow_bf16, flags, rows in cases:
         monkeypatch.setattr(kernels, "needs_bf16_kernel", lambda s=slow_bf16: s)
-        monkeypatch.setattr(kernels, "_cpu_flags", lambda f=flags: f)
+        monkeypatch.setattr(kernels, "cpu_flags", lambda f=flags: f)
         assert kernels.kernel_rows("auto") == rows, flags
         assert kernels.kernel_rows("always") == kernels.ALL_ROWS and kernels.kernel_rows("never") == 0
         assert kernels.wanted("auto") == (rows > 0)

@@ -18,6 +18,7 @@ the stock path runs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -56,16 +57,18 @@ ALL_ROWS = 1 << 30
 NARROW_ROWS = 8
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
     try:
-        return set(Path("/proc/cpuinfo").read_text().split())
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return set()
+        return frozenset()
 
 
 def narrow_pays() -> bool:
     """AVX512-BF16 without AMX (measured on Zen 5; AMX CPUs are not measured and keep torch's)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return can_run() and "avx512_bf16" in flags and "amx_bf16" not in flags
 
 
