@@ -23,6 +23,7 @@ from torch import nn
 
 from tide.config import ModelConfig
 from tide.errors import TideError
+from tide.kernels import ALL_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class SkinnyLinear(nn.Linear):
 
     max_rows = 128
     bf16_ext = None  # per module, set by use_skinny_matmul where tide.kernels is wanted and built
-    bf16_rows = 1 << 30  # per module: the kernel takes passes of up to this many rows (kernel_rows)
+    bf16_rows = ALL_ROWS  # per module: the kernel takes passes of up to this many rows (kernel_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]

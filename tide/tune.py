@@ -40,6 +40,7 @@ from transformers import DynamicCache
 
 from tide.config import DecodeConfig
 from tide.draft_head import DraftCache, DraftHead
+from tide.kernels import ALL_ROWS, NARROW_ROWS, kernel_rows
 from tide.lookup import AnswerHistory, lookup_draft
 from tide.models import Target
 from tide.speculative import target_forward, target_generate
@@ -48,7 +49,8 @@ from tide.tree import keep_cache_rows
 log = logging.getLogger(__name__)
 
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5)
-LOOKUP_KS = (0, 7, 8, 12, 16)  # 0: copies of k tokens; 7: passes of 8 rows (tide.kernels.NARROW_ROWS)
+NARROW = NARROW_ROWS - 1  # the longest copy or chain whose passes the kernels take on AVX512-BF16 CPUs
+LOOKUP_KS = (0, NARROW, 8, 12, 16)  # 0: copies of k tokens
 
 
 @dataclass
@@ -248,12 +250,8 @@ def exact_rows(target: Target) -> int:
     bf16 the passes tide's kernels take (tide.kernels.kernel_rows; 0 where torch's bf16 path
     runs them all, which is not bit-stable across widths)."""
     if target.dtype != torch.bfloat16:
-        return 1 << 30
-    if not target.skinny_matmul:
-        return 0
-    from tide import kernels
-
-    return kernels.kernel_rows(target.bf16_kernel)
+        return ALL_ROWS
+    return kernel_rows(target.bf16_kernel) if target.skinny_matmul else 0
 
 
 def settings_grid(max_k: int, ngram: int, min_ngram: int, history_k: int = 0) -> list[Setting]:
@@ -263,9 +261,9 @@ def settings_grid(max_k: int, ngram: int, min_ngram: int, history_k: int = 0) ->
             grid.append(Setting(k, th, 0, min_ngram, 0))
             if ngram:
                 grid += [Setting(k, th, ngram, min_ngram, lk) for lk in LOOKUP_KS if lk == 0 or lk > k]
-    if history_k:  # the history beside every lookup setting, also with chains of at most 7
+    if history_k:  # the history beside every lookup setting, also with chains the kernels' passes take
         with_lookup = [s for s in grid if s.lookup_ngram]
-        for hk in sorted({history_k, min(history_k, 7)}):
+        for hk in sorted({history_k, min(history_k, NARROW)}):
             grid += [replace(s, history_k=hk) for s in with_lookup]
     return grid
 
@@ -305,5 +303,5 @@ def run_tune(target: Target, head: DraftHead, prompts: list[list[int]], params: 
     exact = [r for r in rows if r["bit_exact"]]
     return {"n_prompts": len(answers), "answer_tokens": sum(len(a.ids) - a.prompt_len for a in answers),
             "costs_ms": {**asdict(costs), "verify": [round(v, 2) for v in costs.verify]},
-            "exact_rows": limit if limit < 1 << 30 else None, "best": (exact or rows)[0]["overrides"],
+            "exact_rows": limit if limit < ALL_ROWS else None, "best": (exact or rows)[0]["overrides"],
             "best_any": rows[0]["overrides"], "settings": rows}
