@@ -16,7 +16,7 @@ import ray
 from serving.engine import ServingEngine
 from serving.record_writer import AsyncRecordWriter
 from tide.config import from_dict
-from tide.transport.redis_transport import RedisRecordStream, RedisWeightChannel, connect
+from tide.transport.redis_transport import RedisAnswerStream, RedisRecordStream, RedisWeightChannel, connect
 
 _DONE = object()
 
@@ -30,8 +30,10 @@ class ServingActor:
         prefix = self.cfg.redis.prefix
         writer = AsyncRecordWriter(RedisRecordStream(client, prefix, self.cfg.redis.stream_maxlen),
                                    max_pending=self.cfg.serving.record_queue)
-        self.engine = ServingEngine.build(self.cfg, replica, writer, RedisWeightChannel(client, prefix))
+        answers = RedisAnswerStream(client, prefix, self.cfg.redis.answers_maxlen)
+        self.engine = ServingEngine.build(self.cfg, replica, writer, RedisWeightChannel(client, prefix), answers)
         self.engine.start_weight_poller()
+        self.engine.start_answer_sync()
 
     def ready(self) -> dict:
         return {"replica": self.engine.replica, "draft_version": self.engine.version,

@@ -4,6 +4,10 @@ Requests decode one at a time under `_decode_lock` (one CPU stream per replica; 
 scale out). A weight swap takes the same lock, so it lands between requests: every response is
 produced by exactly one draft version, which it reports. Swaps validate the whole update first
 (tide.checkpoint.swap_in_place); a rejected update leaves the old draft serving.
+
+The answer history (decode.history_k > 0) is shared: each answer served is sent to an
+AnswerStream, and a thread reads the other replicas' answers from it into a queue that is
+learned between requests (the history, like the head, only changes under the decode lock).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import replace
 
 import torch
@@ -19,13 +24,14 @@ import torch
 from tide.checkpoint import WeightError, load_draft, new_head, state_from_bytes, swap_in_place
 from tide.config import DecodeConfig, TideConfig
 from tide.errors import TideError
-from tide.lookup import history_from_config
+from tide.lookup import HistoryError, answer_from_bytes, answer_to_bytes, history_from_config
 from tide.models import Target, load_target
 from tide.records import HiddenStateRecord
 from tide.speculative import speculative_generate, target_generate
 from tide.transport.base import TransportError
 
 log = logging.getLogger(__name__)
+ANSWERS_PER_READ = 256
 
 
 class Overloaded(TideError):
@@ -38,7 +44,7 @@ class Cancelled(TideError):
 
 class ServingEngine:
     def __init__(self, cfg: TideConfig, replica: str, target: Target, head, version: int,
-                 writer=None, weights=None):
+                 writer=None, weights=None, answers=None):
         self.cfg, self.replica, self.target = cfg, replica, target
         self.head, self.version = head, version
         self.writer, self.weights = writer, weights
@@ -49,27 +55,41 @@ class ServingEngine:
         self._active: set[str] = set()
         self._cancelled: set[str] = set()
         self._stop = threading.Event()
-        # earlier answers draft later requests (decode.history_k > 0); per replica, in memory
+        # earlier answers draft later requests (decode.history_k > 0), in memory; with an
+        # AnswerStream (serving.history_share) every replica's answers, else this one's
         self.history = history_from_config(cfg)
+        self.answers = answers if self.history is not None and cfg.serving.history_share else None
+        self._answer_writer = None
+        if self.answers is not None:
+            from serving.record_writer import AsyncRecordWriter
+
+            self._answer_writer = AsyncRecordWriter(self.answers, cfg.serving.record_queue, what="answer")
+        # this process's answers carry its own id: a replica skips them when it reads the stream,
+        # but learns those of an earlier life under the same replica name
+        self._source = f"{replica}/{uuid.uuid4().hex[:8]}"
+        self._answers_after = "0"  # the last stream id read
+        self._shared: deque[tuple[list[int], list[int]]] = deque(maxlen=4 * ANSWERS_PER_READ)
         k = cfg.decode.k
         self.stats_ = {
             "requests_ok": 0, "requests_failed": 0, "requests_rejected": 0,
             "requests_cancelled": 0, "generated_tokens": 0, "prompt_tokens": 0, "drafts": 0, "draft_tokens": 0,
             "accepted_tokens": 0, "accepted_per_pos": [0] * k, "decode_s": 0.0,
-            "history_passes": 0, "history_accepted": 0,
+            "history_passes": 0, "history_accepted": 0, "history_shared_in": 0,
+            "history_shared_bad": 0,
             "accept_len_ema": None, "swaps_applied": 0, "swaps_rejected": 0,
             "last_swap_latency_s": None, "last_swap_at": None, "last_swap_error": None,
         }
 
     @classmethod
-    def build(cls, cfg: TideConfig, replica: str, writer=None, weights=None) -> ServingEngine:
+    def build(cls, cfg: TideConfig, replica: str, writer=None, weights=None, answers=None) -> ServingEngine:
         target = load_target(cfg.model, cfg.draft.feature_layers)
         if cfg.draft.path:
             head, version = load_draft(cfg.draft.path, target)
         else:
             head, version = new_head(target, cfg.draft.vocab_size, seed=cfg.draft.seed), 0
-        engine = cls(cfg, replica, target, head, version, writer, weights)
+        engine = cls(cfg, replica, target, head, version, writer, weights, answers)
         engine.poll_weights()  # join a running system at its newest draft
+        engine.sync_answers()  # ... and with the answers its replicas served
         return engine
 
     # -- requests ---------------------------------------------------------------------------
@@ -102,6 +122,7 @@ class ServingEngine:
                 # that start with OMP_NUM_THREADS=1: set it where the decoding happens
                 if self.cfg.serving.threads > 0:
                     torch.set_num_threads(self.cfg.serving.threads)
+                self._learn_shared()
                 head, version = self.head, self.version
                 t0 = time.perf_counter()
                 if self.cfg.serving.speculative:
@@ -110,6 +131,9 @@ class ServingEngine:
                                              history=self.history)
                     if self.history is not None:
                         self.history.add(prompt_ids, g.tokens)
+                        if self._answer_writer is not None:
+                            self._answer_writer.submit(answer_to_bytes(
+                                self._source, prompt_ids[-self.history.max_ngram:], g.tokens))
                 else:
                     g = target_generate(self.target, prompt_ids, params, self.cfg.model.max_context,
                                         on_tokens=stream)
@@ -166,6 +190,72 @@ class ServingEngine:
     def decode_params(self, **overrides) -> DecodeConfig:
         return replace(self.cfg.decode, **{k: v for k, v in overrides.items() if v is not None})
 
+    # -- the shared answer history -----------------------------------------------------------
+    def pull_answers(self, block_ms: int = 0) -> int:
+        """Queue the answers that other replicas served since the last pull (waiting up to
+        block_ms for one). Returns how many stream entries were read. Raises TransportError."""
+        got = self.answers.read(self._answers_after, ANSWERS_PER_READ, block_ms)
+        vocab = self.target.model.get_input_embeddings().num_embeddings
+        for entry_id, data in got:
+            self._answers_after = entry_id
+            try:
+                source, context, answer = answer_from_bytes(data, vocab, self.cfg.model.max_context)
+            except HistoryError as e:  # skipped, never fatal: it drafts nothing
+                self.stats_["history_shared_bad"] += 1
+                log.warning("skipping shared answer %s: %s", entry_id, e)
+                continue
+            if source != self._source:
+                self._shared.append((context, answer))
+        return len(got)
+
+    def _learn_shared(self) -> None:
+        """Under the decode lock: learn the queued answers of the other replicas."""
+        while self._shared:
+            context, answer = self._shared.popleft()
+            self.history.add(context, answer)
+            self.stats_["history_shared_in"] += 1
+
+    def sync_answers(self) -> None:
+        """Learn every answer the stream holds now (a replica joining learns the fleet's)."""
+        if self.answers is None:
+            return
+        try:
+            while self.pull_answers() == ANSWERS_PER_READ:
+                with self._decode_lock:  # the queue holds a few reads: learn as it fills
+                    self._learn_shared()
+        except TransportError as e:
+            log.warning("answer stream unreachable, starting with this replica's history: %s", e)
+        with self._decode_lock:
+            self._learn_shared()
+
+    def start_answer_sync(self, retry_s: float = 1.0) -> None:
+        """A thread that reads the other replicas' answers as they come and, when no request is
+        decoding, learns them at once (else the next request does, before it starts)."""
+        if self.answers is None:
+            return
+
+        def loop():
+            down = False
+            while not self._stop.is_set():
+                try:
+                    self.pull_answers(block_ms=1000)
+                    if down:
+                        log.info("answer stream reachable again")
+                    down = False
+                except TransportError as e:
+                    if not down:
+                        log.warning("answer stream unreachable, retrying: %s", e)
+                    down = True
+                    self._stop.wait(retry_s)
+                    continue
+                if self._shared and self._decode_lock.acquire(blocking=False):
+                    try:
+                        self._learn_shared()
+                    finally:
+                        self._decode_lock.release()
+
+        threading.Thread(target=loop, name="answer-sync", daemon=True).start()
+
     # -- hot swap ---------------------------------------------------------------------------
     def poll_weights(self) -> bool:
         """Swap in the newest published draft if there is one. Returns True when swapped."""
@@ -210,8 +300,9 @@ class ServingEngine:
 
     def stop(self) -> None:
         self._stop.set()
-        if self.writer is not None:
-            self.writer.close()
+        for w in (self.writer, self._answer_writer):
+            if w is not None:
+                w.close()
 
     def stats(self) -> dict:
         s = dict(self.stats_)
@@ -219,4 +310,9 @@ class ServingEngine:
         if self.writer is not None:
             s.update(records_written=self.writer.written, records_dropped=self.writer.dropped,
                      record_stream_connected=self.writer.connected)
+        if self.history is not None:
+            s.update(history_answers=len(self.history), history_tokens=self.history.tokens)
+        if self._answer_writer is not None:
+            s.update(history_shared_out=self._answer_writer.written,
+                     history_shared_dropped=self._answer_writer.dropped)
         return s

@@ -37,6 +37,15 @@ def prometheus_text(replicas: list[dict], http: dict) -> str:
     metric("tide_records_total", "counter", "hidden-state records by outcome",
            [({"replica": r["replica"], "outcome": o}, r.get(f"records_{o}", 0)) for r in replicas
             for o in ("written", "dropped")])
+    metric("tide_history_passes_total", "counter", "verify passes drafted by the answer history",
+           per("history_passes"))
+    metric("tide_history_accepted_tokens_total", "counter", "answer-history draft tokens accepted",
+           per("history_accepted"))
+    metric("tide_history_answers", "gauge", "answers the replica's history holds", per("history_answers"))
+    metric("tide_history_shared_answers_total", "counter",
+           "answers shared between replicas: learned (in), sent (out), dropped unsent, skipped as bad",
+           [({"replica": r["replica"], "direction": o}, r.get(f"history_shared_{o}", 0)) for r in replicas
+            for o in ("in", "out", "dropped", "bad")])
     metric("tide_replica_requests_total", "counter", "requests finished by each replica, by status",
            [({"replica": r["replica"], "status": s}, r.get(f"requests_{s}", 0)) for r in replicas
             for s in ("ok", "failed", "rejected", "cancelled")])

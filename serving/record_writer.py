@@ -1,6 +1,6 @@
-"""Streams records to a RecordStream from a background thread, so that a slow or absent Redis
-never blocks or fails a request: when the queue is full or the store is down, records are
-dropped and counted, and the writer keeps retrying the connection."""
+"""Streams records to a RecordStream (or answers to an AnswerStream) from a background thread,
+so that a slow or absent Redis never blocks or fails a request: when the queue is full or the
+store is down, entries are dropped and counted, and the writer keeps retrying the connection."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 
 
 class AsyncRecordWriter:
-    def __init__(self, stream, max_pending: int = 32, retry_s: float = 1.0):
-        self.stream = stream
+    def __init__(self, stream, max_pending: int = 32, retry_s: float = 1.0, what: str = "record"):
+        self.stream, self.what = stream, what
         self.retry_s = retry_s
         self._q: queue.Queue[bytes] = queue.Queue(maxsize=max_pending)
         self.written = 0
@@ -24,7 +24,7 @@ class AsyncRecordWriter:
         self.connected = True
         self._down_until = 0.0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="record-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{what}-writer", daemon=True)
         self._thread.start()
 
     def submit(self, data: bytes) -> bool:
@@ -49,12 +49,12 @@ class AsyncRecordWriter:
                 self.stream.append(data)
                 self.written += 1
                 if not self.connected:
-                    log.info("record stream reachable again")
+                    log.info("%s stream reachable again", self.what)
                 self.connected = True
             except TransportError as e:
                 self.dropped += 1
                 if self.connected:
-                    log.warning("record stream unreachable, dropping records: %s", e)
+                    log.warning("%s stream unreachable, dropping %ss: %s", self.what, self.what, e)
                 self.connected = False
                 self._down_until = time.monotonic() + self.retry_s
 

@@ -139,6 +139,7 @@ class RedisConfig:
     url_env: str = "TIDE_REDIS_URL"  # when this env var is set it wins (passwords stay out of files)
     prefix: str = "tide"
     stream_maxlen: int = 2000  # records stream cap (XADD MAXLEN ~)
+    answers_maxlen: int = 2000  # answers the replicas share (serving.history_share), same kind of cap
     port: int = 0  # embedded server port; 0 picks a free one
 
 
@@ -168,6 +169,10 @@ class ServingConfig:
     history_tokens: int = 200_000
     history_ngram: int = 3
     history_records: str = ""
+    # every replica's answers draft on every replica: each served answer goes to Redis
+    # ({redis.prefix}:answers, the newest redis.answers_maxlen kept), and a replica that starts
+    # learns the ones kept there. false: each replica learns only its own
+    history_share: bool = True
 
 
 @dataclass
@@ -249,6 +254,7 @@ def _validate(cfg: TideConfig) -> None:
         (cfg.serving.replicas >= 1, f"serving.replicas must be >= 1, not {cfg.serving.replicas}"),
         (cfg.serving.max_queue >= 1, f"serving.max_queue must be >= 1, not {cfg.serving.max_queue}"),
         (cfg.redis.stream_maxlen >= 1, "redis.stream_maxlen must be >= 1"),
+        (cfg.redis.answers_maxlen >= 1, f"redis.answers_maxlen must be >= 1, not {cfg.redis.answers_maxlen}"),
         (cfg.online.holdout_records >= 2, f"online.holdout_records must be >= 2, not {cfg.online.holdout_records}"),
         (cfg.online.drift_lookback >= 0, f"online.drift_lookback must be >= 0, not {cfg.online.drift_lookback}"),
         (cfg.wandb.mode in (None, "online", "offline", "disabled"),

@@ -12,6 +12,7 @@ copied token), so the output stays the target's own.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import deque
 from pathlib import Path
@@ -141,6 +142,37 @@ class AnswerHistory:
 
 class HistoryError(TideError, ValueError):
     """A history seed that cannot be read; the message names the folder."""
+
+
+ANSWER_SCHEMA = 1
+
+
+def answer_to_bytes(source: str, context: list[int], answer: list[int]) -> bytes:
+    """A served answer as the replicas share it (plain JSON, never pickle): who served it (a
+    per-process id, so a replica skips its own), the last tokens of its prompt, the answer."""
+    return json.dumps({"schema": ANSWER_SCHEMA, "source": source, "context": list(context),
+                       "answer": list(answer)}, separators=(",", ":")).encode()
+
+
+def answer_from_bytes(data: bytes, vocab_size: int, max_tokens: int) -> tuple[str, list[int], list[int]]:
+    """(source, context, answer) of a shared answer; HistoryError when it is not one this
+    target can draft from (other schema, ids outside its vocabulary, over max_tokens)."""
+    try:
+        msg = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise HistoryError(f"shared answer is not JSON: {e}") from None
+    if not isinstance(msg, dict) or msg.get("schema") != ANSWER_SCHEMA:
+        got = msg.get("schema") if isinstance(msg, dict) else type(msg).__name__
+        raise HistoryError(f"shared answer schema {got!r}, this replica reads {ANSWER_SCHEMA}")
+    source, context, answer = msg.get("source"), msg.get("context"), msg.get("answer")
+    if not isinstance(source, str):
+        raise HistoryError("shared answer without a source")
+    for name, ids in (("context", context), ("answer", answer)):
+        if not isinstance(ids, list) or len(ids) > max_tokens:
+            raise HistoryError(f"shared answer's {name} is not a list of at most {max_tokens} ids")
+        if not all(type(t) is int and 0 <= t < vocab_size for t in ids):
+            raise HistoryError(f"shared answer's {name} holds ids outside 0..{vocab_size - 1}")
+    return source, context, answer
 
 
 def history_from_config(cfg, skip_prompts: set[tuple[int, ...]] = frozenset()) -> AnswerHistory | None:

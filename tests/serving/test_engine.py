@@ -1,10 +1,15 @@
-"""The serving engine without Ray or Redis: what a replica learns from the requests it serves."""
+"""The serving engine without Ray or Redis: what a replica learns from the requests it serves,
+and from those its peers serve."""
+
+import time
 
 from serving.engine import Cancelled, ServingEngine
 from tests.conftest import tiny_target
 from tide.checkpoint import new_head
 from tide.config import load_config
+from tide.lookup import answer_to_bytes
 from tide.speculative import target_generate
+from tide.transport.memory import MemoryAnswerStream
 
 
 def test_a_served_answer_drafts_the_next_requests_and_a_cancelled_one_is_not_learned():
@@ -28,3 +33,57 @@ def test_a_served_answer_drafts_the_next_requests_and_a_cancelled_one_is_not_lea
     assert again["tokens"] == first["tokens"] == target_generate(target, [1, 2, 3], params).tokens
     assert engine.stats_["history_passes"] > 0 and engine.stats_["history_accepted"] > 0
     assert again["verify_passes"] < first["verify_passes"]  # the history's chains were right
+
+
+def _sharing_engine(target, answers, replica, *overrides):
+    cfg = load_config(overrides=["decode.k=2", "decode.history_k=6", "decode.max_new_tokens=24",
+                                 "serving.capture=false", *overrides])
+    return ServingEngine(cfg, replica, target, new_head(target, 64), 0, answers=answers)
+
+
+def _wait(cond, timeout=10.0):
+    deadline = time.time() + timeout
+    while not cond() and time.time() < deadline:
+        time.sleep(0.02)
+    return cond()
+
+
+def test_an_answer_served_by_one_replica_drafts_on_the_others():
+    target = tiny_target()
+    answers = MemoryAnswerStream()
+    a = _sharing_engine(target, answers, "r0")
+    b = _sharing_engine(target, answers, "r1")
+    b.start_answer_sync()
+    try:
+        first = a.generate([1, 2, 3], a.decode_params())
+        assert _wait(lambda: a.stats()["history_shared_out"] == 1)
+        # b learns it while idle (its sync thread takes the free decode lock)
+        assert _wait(lambda: len(b.history) == 1) and b.stats_["history_shared_in"] == 1
+        again = b.generate([1, 2, 3], b.decode_params())
+        assert again["tokens"] == first["tokens"] == target_generate(target, [1, 2, 3], a.decode_params()).tokens
+        assert b.stats_["history_passes"] > 0 and again["verify_passes"] < first["verify_passes"]
+        # a skips its own answer, and learns b's
+        a.sync_answers()
+        assert len(a.history) == 2 and a.stats_["history_shared_in"] == 1
+        # a replica that starts later (or restarts under the same name) learns every answer kept
+        late = _sharing_engine(target, answers, "r0")
+        late.sync_answers()
+        assert len(late.history) == 2 and late.stats()["history_answers"] == 2
+        # a bad entry is skipped and counted; the ones after it are still learned
+        answers.append(b"not an answer")
+        answers.append(answer_to_bytes("r9/x", [1], [5, 10_000]))  # outside the vocabulary
+        answers.append(answer_to_bytes("r9/x", [1], [5, 6]))
+        late.sync_answers()
+        assert late.stats_["history_shared_bad"] == 2 and len(late.history) == 3
+    finally:
+        for e in (a, b):
+            e.stop()
+
+
+def test_history_share_false_keeps_each_replicas_history_its_own():
+    target = tiny_target()
+    answers = MemoryAnswerStream()
+    a = _sharing_engine(target, answers, "r0", "serving.history_share=false")
+    a.generate([1, 2, 3], a.decode_params())
+    assert len(a.history) == 1 and a.answers is None and "history_shared_out" not in a.stats()
+    assert answers.read("0", 10, 0) == []

@@ -1,4 +1,4 @@
-"""Fault behaviour without Ray: Redis down at start and mid-run, bad weight updates, stream cap."""
+"""Fault behaviour without Ray: Redis down at start and mid-run, bad weight updates, stream caps."""
 
 import time
 
@@ -10,11 +10,12 @@ from serving.record_writer import AsyncRecordWriter
 from tests.conftest import tiny_target
 from tide.checkpoint import new_head, state_to_bytes
 from tide.config import TideConfig
+from tide.lookup import answer_from_bytes, answer_to_bytes
 from tide.records import HiddenStateRecord
 from tide.speculative import target_generate
 from tide.transport.memory import MemoryWeightChannel
 from tide.transport.redis_server import free_port, start_redis
-from tide.transport.redis_transport import RedisRecordStream, RedisWeightChannel, connect
+from tide.transport.redis_transport import RedisAnswerStream, RedisRecordStream, RedisWeightChannel, connect
 
 pytestmark = pytest.mark.integration
 
@@ -149,3 +150,55 @@ def test_cancel_stops_an_active_request_and_forgets_finished_ones():
     engine.cancel("req-1")  # already over: nothing is remembered
     assert not engine._cancelled
     assert len(engine.generate([1, 2, 3], params, request_id="req-1")["tokens"]) > 0
+
+
+def test_answer_stream_fans_out_to_every_reader_and_stays_bounded(redis_server):
+    client = connect(redis_server.url)
+    stream = RedisAnswerStream(client, "ans", maxlen=50)
+    assert stream.read("0", 10, block_ms=0) == []  # no stream yet: nothing, at once
+    t0 = time.perf_counter()
+    assert stream.read("0", 10, block_ms=200) == []
+    assert time.perf_counter() - t0 >= 0.15  # it waited for an entry
+    for i in range(600):
+        stream.append(answer_to_bytes("r0/x", [], [i % 90]))
+    everything = stream.read("0", 1000, block_ms=0)
+    assert 50 <= len(everything) <= 150  # MAXLEN ~: whole macro nodes of up to 100 entries
+    assert answer_from_bytes(everything[-1][1], 96, 8) == ("r0/x", [], [599 % 90])
+    # every reader gets every entry after the id it last read (no group, no acks)
+    last = everything[-1][0]
+    assert stream.read(last, 10, block_ms=0) == []
+    stream.append(b"new")
+    assert stream.read(last, 10, block_ms=0)[0][1] == b"new" == stream.read(last, 10, block_ms=0)[0][1]
+
+
+def test_answer_sharing_survives_redis_down_and_back(tmp_path):
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    target = tiny_target()
+    cfg = TideConfig()
+    cfg.decode.max_new_tokens, cfg.decode.history_k, cfg.serving.capture = 12, 4, False
+
+    def engine(replica):
+        e = ServingEngine(cfg, replica, target, new_head(target, 64), 0,
+                          answers=RedisAnswerStream(connect(url, timeout_s=0.5), "t"))
+        e._answer_writer.retry_s = 0.2
+        return e
+
+    a, b = engine("r0"), engine("r1")
+    b.sync_answers()  # Redis down at start: the replica starts with its own (empty) history
+    b.start_answer_sync(retry_s=0.2)
+    expected = target_generate(target, [1, 2, 3], cfg.decode).tokens
+    try:
+        assert a.generate([1, 2, 3], cfg.decode)["tokens"] == expected  # serves; the answer is dropped
+        assert _wait(lambda: a.stats()["history_shared_dropped"] == 1)
+        server = start_redis(tmp_path / "r", port=port)
+        try:
+            time.sleep(0.3)
+            assert a.generate([1, 2, 3], cfg.decode)["tokens"] == expected
+            assert _wait(lambda: b.stats_["history_shared_in"] == 1)  # b's thread reconnected
+        finally:
+            server.stop()
+        assert b.generate([1, 2, 3], cfg.decode)["tokens"] == expected  # Redis gone again: still serving
+    finally:
+        a.stop()
+        b.stop()

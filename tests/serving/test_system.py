@@ -153,3 +153,34 @@ def test_trainer_crash_keeps_last_good_draft_and_resumes(system, ray_local, redi
         pytest.fail("trainer did not come back")
     # it resumed from the newest published draft, not from scratch (it may have published since)
     assert published <= state["version"] <= channel.latest_version(), (published, state)
+
+
+def test_replicas_share_their_answer_history_through_redis(ray_local, redis_server, tiny_model_dir):
+    """An answer served by one replica drafts the same request on another; a replica that joins
+    later learns the answers served before it started."""
+    from serving.actor import ServingActor
+
+    cfg = _cfg(tiny_model_dir, "share")
+    cfg.decode.history_k, cfg.serving.capture = 6, False
+    d = to_dict(cfg)
+    replicas = [ServingActor.options(num_cpus=0).remote(d, redis_server.url, f"h{i}") for i in range(2)]
+    ray_local.get([r.ready.remote() for r in replicas])
+    target = load_target(ModelConfig(source=str(tiny_model_dir), dtype="float32"))
+    late = None
+    try:
+        first = ray_local.get(replicas[0].generate.remote(PROMPTS[0], {}))
+        deadline = time.time() + 30
+        while time.time() < deadline and ray_local.get(replicas[1].stats.remote())["history_shared_in"] < 1:
+            time.sleep(0.1)
+        again = ray_local.get(replicas[1].generate.remote(PROMPTS[0], {}))
+        assert again["tokens"] == first["tokens"] == target_generate(target, PROMPTS[0], cfg.decode).tokens
+        s1 = ray_local.get(replicas[1].stats.remote())
+        assert s1["history_shared_in"] == 1 and s1["history_passes"] > 0, s1
+        assert again["verify_passes"] < first["verify_passes"]
+        late = ServingActor.options(num_cpus=0).remote(d, redis_server.url, "h2")
+        ray_local.get(late.ready.remote())
+        s2 = ray_local.get(late.stats.remote())
+        assert s2["history_answers"] == 2 and s2["history_shared_in"] == 2, s2
+    finally:
+        for a in [*replicas, *([late] if late else [])]:
+            ray_local.kill(a)

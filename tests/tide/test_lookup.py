@@ -222,3 +222,25 @@ def test_history_from_config_seeds_from_a_records_folder(tmp_path):
     (tmp_path / "bad" / "00000.rec").write_bytes(b"not a record")
     with pytest.raises(HistoryError, match="bad"):
         seeded(tmp_path / "bad")
+
+
+def test_shared_answers_round_trip_and_bad_ones_are_refused():
+    from tide.lookup import HistoryError, answer_from_bytes, answer_to_bytes
+
+    data = answer_to_bytes("r0/ab12", [5, 6], [1, 2, 3])
+    assert answer_from_bytes(data, vocab_size=10, max_tokens=8) == ("r0/ab12", [5, 6], [1, 2, 3])
+    bad = {
+        b"\x80\x04K\x01.": "not JSON",  # a pickle is never unpickled
+        b'{"schema": 2, "source": "x", "context": [], "answer": [1]}': "schema 2",
+        b"[1, 2]": "schema 'list'",
+        b'{"schema": 1, "context": [], "answer": [1]}': "without a source",
+        answer_to_bytes("x", [], [1, 10]): r"outside 0\.\.9",
+        answer_to_bytes("x", [-1], [1]): r"outside 0\.\.9",
+        b'{"schema": 1, "source": "x", "context": [], "answer": [1.0]}': r"outside 0\.\.9",
+        b'{"schema": 1, "source": "x", "context": [], "answer": [true]}': r"outside 0\.\.9",
+        b'{"schema": 1, "source": "x", "context": [], "answer": "abc"}': "not a list",
+        answer_to_bytes("x", [], [1] * 9): "at most 8",
+    }
+    for data, message in bad.items():
+        with pytest.raises(HistoryError, match=message):
+            answer_from_bytes(data, vocab_size=10, max_tokens=8)

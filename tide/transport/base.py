@@ -1,4 +1,5 @@
-"""The two channels between serving and training, as small interfaces."""
+"""The channels between serving and training (records, weights) and between replicas (answers),
+as small interfaces."""
 
 from __future__ import annotations
 
@@ -19,6 +20,16 @@ class RecordStream(Protocol):
     def ack(self, ids: list[str]) -> None: ...
 
     def length(self) -> int: ...
+
+
+class AnswerStream(Protocol):
+    """A capped stream of served answers (small bytes) that every replica reads in full, each
+    from where it left off (fan-out: no consumer group, no acks)."""
+
+    def append(self, data: bytes) -> None: ...
+
+    # entries after stream id `after` ("0": from the oldest kept); waits up to block_ms for one
+    def read(self, after: str, count: int, block_ms: int) -> list[tuple[str, bytes]]: ...
 
 
 class WeightChannel(Protocol):

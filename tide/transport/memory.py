@@ -38,6 +38,26 @@ class MemoryRecordStream:
         return len(self._items)
 
 
+class MemoryAnswerStream:
+    def __init__(self, maxlen: int = 2000):
+        self._items: deque[tuple[int, bytes]] = deque(maxlen=maxlen)
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+
+    def append(self, data: bytes) -> None:
+        with self._cond:
+            self._items.append((next(self._ids), data))
+            self._cond.notify_all()
+
+    def read(self, after: str, count: int, block_ms: int) -> list[tuple[str, bytes]]:
+        with self._cond:
+            def fresh():
+                return [(str(i), d) for i, d in self._items if i > int(after)]
+            if not fresh() and block_ms > 0:
+                self._cond.wait(block_ms / 1000)
+            return fresh()[:count]
+
+
 class MemoryWeightChannel:
     def __init__(self):
         self._versions: dict[int, tuple[bytes, dict]] = {}

@@ -2,6 +2,9 @@
 
 Keys (prefix from config, default "tide"):
   {p}:records          Stream; XADD MAXLEN ~ cap keeps memory bounded; field "r" holds bytes
+  {p}:answers          Stream of served answers (field "a"), capped the same way; every replica
+                       reads all of it (XREAD from its last id; stream ids are Redis's clock in
+                       ms, so they keep rising across a Redis restart)
   {p}:weights:version  the newest published draft version (int; only ever moves forward)
   {p}:weights:{v}      safetensors bytes of version v (older versions expire)
   {p}:weights:{v}:meta JSON metadata of version v
@@ -86,6 +89,31 @@ class RedisRecordStream:
             return int(self.r.xlen(self.key))
         except redis.RedisError as e:
             raise TransportError(f"xlen failed: {e}") from e
+
+
+class RedisAnswerStream:
+    def __init__(self, client: redis.Redis, prefix: str = "tide", maxlen: int = 2000):
+        self.r = client
+        self.key = f"{prefix}:answers"
+        self.maxlen = maxlen
+
+    def append(self, data: bytes) -> None:
+        try:
+            self.r.xadd(self.key, {"a": data}, maxlen=self.maxlen, approximate=True)
+        except redis.RedisError as e:
+            raise TransportError(f"answer append failed: {e}") from e
+
+    def read(self, after: str, count: int, block_ms: int) -> list[tuple[str, bytes]]:
+        try:  # block=None: answer at once (XREAD's BLOCK 0 would wait forever)
+            resp = self.r.xread({self.key: after}, count=count, block=block_ms if block_ms > 0 else None)
+        except redis.RedisError as e:
+            raise TransportError(f"answer read failed: {e}") from e
+        out = []
+        for _key, entries in resp or []:
+            for entry_id, fields in entries:
+                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                out.append((eid, (fields or {}).get(b"a", b"")))
+        return out
 
 
 class RedisWeightChannel:
