@@ -133,7 +133,7 @@ class ServingEngine:
                         self.history.add(prompt_ids, g.tokens)
                         if self._answer_writer is not None:
                             self._answer_writer.submit(answer_to_bytes(
-                                self._source, prompt_ids[-self.history.max_ngram:], g.tokens))
+                                self._source, prompt_ids[-self.history.context_tokens:], g.tokens))
                 else:
                     g = target_generate(self.target, prompt_ids, params, self.cfg.model.max_context,
                                         on_tokens=stream)

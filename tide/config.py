@@ -164,10 +164,12 @@ class ServingConfig:
     port: int = 8000
     api_key_env: str = "TIDE_API_KEY"  # when set, every route but /health needs this bearer key
     # each replica's AnswerHistory (used when decode.history_k > 0): the answer tokens it keeps
-    # (oldest forgotten first), the longest context it reads, and a records folder (the warm
+    # (oldest forgotten first), the longest context of its counted chains, the tokens that must
+    # match for a copy from one earlier answer (0: no copies), and a records folder (the warm
     # start's --records) whose answers it learns at startup; empty: it starts empty
     history_tokens: int = 200_000
     history_ngram: int = 3
+    history_match_ngram: int = 6
     history_records: str = ""
     # every replica's answers draft on every replica: each served answer goes to Redis
     # ({redis.prefix}:answers, the newest redis.answers_maxlen kept), and a replica that starts
@@ -240,6 +242,8 @@ def _validate(cfg: TideConfig) -> None:
         (d.history_k >= 0, f"decode.history_k must be >= 0 (0 = off), not {d.history_k}"),
         (cfg.serving.history_ngram >= 2, f"serving.history_ngram must be >= 2, not {cfg.serving.history_ngram}"),
         (cfg.serving.history_tokens >= 1, f"serving.history_tokens must be >= 1, not {cfg.serving.history_tokens}"),
+        (cfg.serving.history_match_ngram == 0 or cfg.serving.history_match_ngram >= 2,
+         f"serving.history_match_ngram must be 0 (no copies) or >= 2, not {cfg.serving.history_match_ngram}"),
         (d.tree_topk <= cfg.draft.vocab_size,
          f"decode.tree_topk ({d.tree_topk}) cannot exceed draft.vocab_size ({cfg.draft.vocab_size})"),
         (d.max_new_tokens >= 1, f"decode.max_new_tokens must be >= 1, not {d.max_new_tokens}"),

@@ -69,45 +69,80 @@ class AnswerHistory:
     """Drafts from the answers served before (SuffixDecoding, Oliaro 2024; REST, He 2023), at
     no training cost: the moment an answer is served, its phrasing drafts the next requests.
 
-    Counts of the token that followed every context of `min_ngram`..`max_ngram` tokens in the
-    answers added so far. A draft is a greedy chain: the longest context of the text's end that
-    the history knows decides the next token, the one that followed it most often, as long as it
-    did so at least `min_count` times and in at least `min_share` of them; the chain stops at
-    the first context that is unknown or undecided. Where a model's answers share their
-    phrasing (`To solve this problem, we...`, the code around a function), the chain is often
-    right for several tokens; where they do not it stays silent and the head drafts.
+    Two drafts, the first that has something wins:
+    - a copy: when the text's last `match_ngram` tokens occurred in an answer (the newest
+      answer with them, their first occurrence there), the tokens that followed, as many as
+      the match reaches back (m tokens agree: min(m, k)), as prompt lookup copies from the
+      prompt. One occurrence is enough: a request served before (a retry, a popular prompt, an
+      agent's repeated step) is drafted whole, whichever replica served it.
+    - a chain from counts of the token that followed every context of `min_ngram`..`max_ngram`
+      tokens: the longest context of the text's end that the history knows decides the next
+      token, the one that followed it most often, as long as it did so at least `min_count`
+      times and in at least `min_share` of them; the chain stops at the first context that is
+      unknown or undecided. Where a model's answers share their phrasing (`To solve this
+      problem, we...`, the code around a function), the chain is often right for several
+      tokens; where they do not it stays silent and the head drafts.
 
     Bounded memory: past `max_tokens` answer tokens, the oldest answers are forgotten (their
-    counts taken back). Lossless like any draft: its tokens are verified by the target.
-    Not thread-safe; the serving engine adds and drafts under its decode lock."""
+    counts and copies taken back). Lossless like any draft: its tokens are verified by the
+    target. Not thread-safe; the serving engine adds and drafts under its decode lock."""
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2, max_tokens: int = 200_000,
-                 min_count: int = 2, min_share: float = 0.6):
+                 min_count: int = 2, min_share: float = 0.6, match_ngram: int = 6):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        if match_ngram < 0:
+            raise ValueError(f"need match_ngram >= 0 (0 = no copies), got {match_ngram}")
         self.min_ngram, self.max_ngram, self.max_tokens = min_ngram, max_ngram, max_tokens
-        self.min_count, self.min_share = min_count, min_share
+        self.min_count, self.min_share, self.match_ngram = min_count, min_share, match_ngram
         self._next: dict[tuple[int, ...], dict[int, int]] = {}
+        # hash of a match_ngram-gram -> where it ended in the newest answer with it, packed as
+        # serial << 32 | end (one int per answer token; a hash collision is caught by comparing
+        # the tokens)
+        self._last: dict[int, int] = {}
         self._answers: deque[tuple[list[int], int]] = deque()  # (context + answer, where it starts)
+        self._first_serial = 0  # serial number of self._answers[0]
         self.tokens = 0  # answer tokens held
 
     def __len__(self) -> int:
         return len(self._answers)
+
+    @property
+    def context_tokens(self) -> int:
+        """How many of a prompt's last tokens add() keeps (the rest is never read)."""
+        return max(self.max_ngram, self.match_ngram)
 
     def add(self, context: list[int], answer: list[int]) -> None:
         """Learn an answer; `context`: the tokens before it (the end of its prompt), so that the
         answer's first tokens are learned too."""
         if not answer:
             return
-        seq = [*context[-self.max_ngram:], *answer]
+        seq = [*context[-self.context_tokens:], *answer]
         first = len(seq) - len(answer)
         self._count(seq, first, +1)
+        self._index(seq, first, self._first_serial + len(self._answers), +1)
         self._answers.append((seq, first))
         self.tokens += len(answer)
         while self.tokens > self.max_tokens and len(self._answers) > 1:
             old, old_first = self._answers.popleft()
             self._count(old, old_first, -1)
+            self._index(old, old_first, self._first_serial, -1)
+            self._first_serial += 1
             self.tokens -= len(old) - old_first
+
+    def _index(self, seq: list[int], first: int, serial: int, sign: int) -> None:
+        n = self.match_ngram
+        if not n:
+            return
+        for e in range(max(first, n), len(seq)):  # the n tokens before seq[e] end at e
+            key, where = hash(tuple(seq[e - n : e])), serial << 32 | e
+            if sign > 0:
+                # the newest answer, but the first occurrence in it: where text repeats within
+                # an answer, the first has the most tokens after it
+                if self._last.get(key, -1) >> 32 != serial:
+                    self._last[key] = where
+            elif self._last.get(key) == where:  # not overwritten by a newer answer since
+                del self._last[key]
 
     def _count(self, seq: list[int], first: int, sign: int) -> None:
         for e in range(first, len(seq)):  # seq[e] follows the contexts ending at e - 1
@@ -124,6 +159,25 @@ class AnswerHistory:
 
     def draft(self, sequence: list[int], k: int) -> list[int] | None:
         """Up to k tokens to follow `sequence` (its last token the next token y), or None."""
+        return self._copy(sequence, k) or self._chain(sequence, k)
+
+    def _copy(self, sequence: list[int], k: int) -> list[int] | None:
+        n = self.match_ngram
+        if not n or len(sequence) < n:
+            return None
+        where = self._last.get(hash(tuple(sequence[-n:])))
+        if where is None:
+            return None
+        seq, _ = self._answers[(where >> 32) - self._first_serial]
+        end = where & 0xFFFFFFFF
+        if seq[end - n : end] != list(sequence[-n:]):  # a hash collision
+            return None
+        m = n  # how many tokens agree, counting back from the text's end
+        while m < k and m < end and m < len(sequence) and seq[end - 1 - m] == sequence[-1 - m]:
+            m += 1
+        return seq[end : end + min(m, k)] or None
+
+    def _chain(self, sequence: list[int], k: int) -> list[int] | None:
         out, ctx = [], list(sequence[-self.max_ngram:])
         while len(out) < k:
             for n in range(min(self.max_ngram, len(ctx)), self.min_ngram - 1, -1):
@@ -182,7 +236,8 @@ def history_from_config(cfg, skip_prompts: set[tuple[int, ...]] = frozenset()) -
     if not cfg.decode.history_k:
         return None
     s = cfg.serving
-    history = AnswerHistory(max_ngram=s.history_ngram, max_tokens=s.history_tokens)
+    history = AnswerHistory(max_ngram=s.history_ngram, max_tokens=s.history_tokens,
+                            match_ngram=s.history_match_ngram)
     if s.history_records:
         from tide.records import RecordError, load_records
 

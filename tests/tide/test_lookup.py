@@ -244,3 +244,50 @@ def test_shared_answers_round_trip_and_bad_ones_are_refused():
     for data, message in bad.items():
         with pytest.raises(HistoryError, match=message):
             answer_from_bytes(data, vocab_size=10, max_tokens=8)
+
+
+def test_history_copies_from_one_earlier_answer_as_far_as_the_match_reaches():
+    from tide.lookup import AnswerHistory
+
+    h = AnswerHistory(max_ngram=3, match_ngram=4)
+    h.add([50, 51, 52, 53], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    # seen once: the counted chain stays silent, the copy does not
+    assert h._chain([0, 1, 2, 3], 5) is None
+    assert h.draft([0, 1, 2, 3, 4], 5) == [5, 6, 7, 8]  # 4 tokens agree: a copy of 4
+    assert h.draft([53, 1, 2, 3, 4], 5) == [5, 6, 7, 8, 9]  # 5 agree (the prompt's end too): 5
+    assert h.draft([51, 52, 53, 1, 2], 3) == [3, 4, 5]  # the answer's first tokens, from its prompt
+    assert h.draft([2, 3, 4, 9], 5) is None  # no 4 tokens in a row match
+    assert h.draft([7, 8, 9, 10], 5) is None  # nothing followed the end of the answer
+    h.add([], [1, 2, 3, 4, 0, 0])
+    assert h.draft([9, 1, 2, 3, 4], 5) == [0, 0]  # the most recent occurrence wins
+
+
+def test_history_copies_are_forgotten_with_their_answers():
+    from tide.lookup import AnswerHistory
+
+    h = AnswerHistory(max_ngram=3, match_ngram=3, max_tokens=6)
+    h.add([], [1, 2, 3, 4, 5])
+    h.add([], [1, 2, 3, 9])  # overwrites (1, 2, 3) -> 4 with -> 9
+    h.add([], [6, 7, 8, 5])  # 13 tokens > 6: the first two answers go
+    only = AnswerHistory(max_ngram=3, match_ngram=3, max_tokens=6)
+    only.add([], [6, 7, 8, 5])
+    assert h._last.keys() == only._last.keys() and len(h) == 1
+    assert h.draft([1, 2, 3], 2) is None and h.draft([6, 7, 8], 2) == [5]
+    assert AnswerHistory(match_ngram=0)._copy([1, 2, 3], 2) is None
+
+
+def test_history_ignores_a_hash_collision():
+    from tide.lookup import AnswerHistory
+
+    h = AnswerHistory(max_ngram=3, match_ngram=3)
+    h.add([], [1, 2, 3, 4])
+    h._last[hash((7, 8, 9))] = h._last[hash((1, 2, 3))]  # (7, 8, 9) pretends to end where (1, 2, 3) does
+    assert h.draft([7, 8, 9], 2) is None
+
+
+def test_history_copies_from_the_first_occurrence_within_an_answer():
+    from tide.lookup import AnswerHistory
+
+    h = AnswerHistory(max_ngram=3, match_ngram=3)
+    h.add([], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3])  # a loop: the last (1, 2, 3) has nothing after it
+    assert h.draft([9, 1, 2, 3], 5) == [4, 1, 2]  # three agree: a copy of 3, from the first
