@@ -69,7 +69,7 @@ class AnswerHistory:
     """Drafts from the answers served before (SuffixDecoding, Oliaro 2024; REST, He 2023), at
     no training cost: the moment an answer is served, its phrasing drafts the next requests.
 
-    Two drafts, the first that has something wins:
+    Two drafts (`draft`: the first that has something):
     - a copy: when the text's last `match_ngram` tokens occurred in an answer (the newest
       answer with them, their first occurrence there), the tokens that followed, as many as
       the match reaches back (m tokens agree: min(m, k)), as prompt lookup copies from the
@@ -158,10 +158,13 @@ class AnswerHistory:
                         del self._next[ctx]
 
     def draft(self, sequence: list[int], k: int) -> list[int] | None:
-        """Up to k tokens to follow `sequence` (its last token the next token y), or None."""
-        return self._copy(sequence, k) or self._chain(sequence, k)
+        """Up to k tokens to follow `sequence` (its last token the next token y), or None: the
+        copy, else the chain. (The speculative loop asks for the copy before prompt lookup, whose
+        matches are shorter, and for the chain after it.)"""
+        return self.copy(sequence, k) or self.chain(sequence, k)
 
-    def _copy(self, sequence: list[int], k: int) -> list[int] | None:
+    def copy(self, sequence: list[int], k: int) -> list[int] | None:
+        """What followed the text's last match_ngram tokens in an earlier answer, or None."""
         n = self.match_ngram
         if not n or len(sequence) < n:
             return None
@@ -177,7 +180,8 @@ class AnswerHistory:
             m += 1
         return seq[end : end + min(m, k)] or None
 
-    def _chain(self, sequence: list[int], k: int) -> list[int] | None:
+    def chain(self, sequence: list[int], k: int) -> list[int] | None:
+        """The counted chain that follows the text, or None."""
         out, ctx = [], list(sequence[-self.max_ngram:])
         while len(out) < k:
             for n in range(min(self.max_ngram, len(ctx)), self.min_ngram - 1, -1):

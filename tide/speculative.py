@@ -247,8 +247,9 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
                          params: DecodeConfig, max_context: int = 2048,
                          capture: bool = False, on_tokens=None, history: AnswerHistory | None = None) -> Generation:
     """on_tokens(list[int]) receives the newly final tokens after every verify pass (streaming).
-    history: earlier answers that draft where prompt lookup finds nothing and before the head
-    (used when params.history_k > 0; the caller adds the answers, see tide.lookup.AnswerHistory)."""
+    history: earlier answers that draft before the head: their copies (long matches) before
+    prompt lookup, their counted chains where lookup finds nothing (used when params.history_k
+    > 0; the caller adds the answers, see tide.lookup.AnswerHistory)."""
     _check_room(target, len(prompt_ids), max_context)
     gen = _generator(params)
     t0 = time.perf_counter()
@@ -268,12 +269,17 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
             reason = "length"
             break
         t0 = time.perf_counter()
-        looked = lookup_draft(torch.tensor(s.sequence), params.lookup_ngram, params.lookup_min_ngram,
-                              k, min(params.lookup_k, room)) if params.lookup_ngram else None
-        recalled = False
-        if looked is None and history is not None and params.history_k:
-            chain = history.draft(s.sequence, min(params.history_k, room))
-            looked, recalled = (torch.tensor(chain), True) if chain else (None, False)
+        # drafts without the head, longest match first: a copy from an earlier answer (6+
+        # tokens agree), prompt lookup (2-3), the history's counted chain
+        looked, recalled = None, False
+        recall = params.history_k and history is not None
+        if recall and (copied := history.copy(s.sequence, min(params.history_k, room))):
+            looked, recalled = torch.tensor(copied), True
+        if looked is None and params.lookup_ngram:
+            looked = lookup_draft(torch.tensor(s.sequence), params.lookup_ngram, params.lookup_min_ngram,
+                                  k, min(params.lookup_k, room))
+        if looked is None and recall and (chain := history.chain(s.sequence, min(params.history_k, room))):
+            looked, recalled = torch.tensor(chain), True
         if tree and looked is None:
             dt = propose_tree(head, embed, feed_pending(head, embed, s), s.draft_cache, s.length, k,
                               params.tree_topk, min(params.tree_tokens, room))

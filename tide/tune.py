@@ -17,8 +17,9 @@ minutes and prices every setting on the same answers:
    accepts the longest prefix that matches the answer and adds up what the passes cost.
 
 With an answer history (`decode.history_k` > 0 and its seed, serving.history_records), every
-setting with prompt lookup also runs with the history's chains where lookup finds none; the
-history learns each answer after its replay, as a replica learns a served one.
+setting with prompt lookup also runs with the history: its copies before lookup, its chains
+where lookup finds none; the history learns each answer after its replay, as a replica learns
+a served one.
 
 Predicted speedup: answer tokens x one target step / the passes' cost (decode only; prefill is
 the same for both and left out). A setting is `bit_exact` when its widest pass gets single-step
@@ -177,21 +178,27 @@ def head_draft_ms(c: Costs, drafted: int, k: int) -> float:
 
 def replay(answers: list[Answer], s: Setting, c: Costs, lookups: dict, recalls: dict | None = None) -> dict:
     """Walk every answer pass by pass under setting s; returns tokens, passes and their cost.
-    recalls[(answer, L)]: the history's chain at that state (the longest one; a setting reads
-    its first history_k tokens)."""
+    recalls[(answer, L)]: the history's (copy, chain) at that state, either None (the longest
+    ones; a setting reads their first history_k tokens). The order is the loop's: the history's
+    copy, prompt lookup, the history's chain, the head."""
     tokens = passes = lookup_passes = history_passes = drafted = 0
     ms = 0.0
     for ai, a in enumerate(answers):
         L, T = a.prompt_len, len(a.ids) - 1
         while L < T:  # y = x_L is known; x_{L+1}.. is the truth the drafts are checked against
-            copy = lookups.get((ai, L, s.lookup_ngram, s.lookup_min_ngram, s.k, s.lookup_k)) if s.lookup_ngram else None
+            h_copy, h_chain = (recalls or {}).get((ai, L), (None, None)) if s.history_k else (None, None)
+            copy = None
+            if h_copy is None and s.lookup_ngram:
+                copy = lookups.get((ai, L, s.lookup_ngram, s.lookup_min_ngram, s.k, s.lookup_k))
             searched = c.lookup if s.lookup_ngram else 0.0
-            recall = (recalls or {}).get((ai, L)) if s.history_k and copy is None else None
-            if copy is not None:
-                draft, cost = copy, c.lookup
+            if h_copy is not None:
+                draft, cost = h_copy[: s.history_k], c.history
+                history_passes += 1
+            elif copy is not None:
+                draft, cost = copy, c.lookup + (c.history if s.history_k else 0.0)
                 lookup_passes += 1
-            elif recall is not None:
-                draft, cost = recall[: s.history_k], searched + c.history
+            elif h_chain is not None:
+                draft, cost = h_chain[: s.history_k], searched + c.history
                 history_passes += 1
             else:
                 row = L - a.prompt_len
@@ -230,17 +237,18 @@ def lookup_table(answers: list[Answer], settings: list[Setting]) -> tuple[dict, 
 
 
 def history_table(answers: list[Answer], history: AnswerHistory, history_k: int) -> tuple[dict, float]:
-    """The history's chain at every state of each answer, the history learning each answer after
-    it (as a replica learns what it served); and the mean time of one chain (ms)."""
+    """The history's (copy, chain) at every state of each answer where it has either, the
+    history learning each answer after it (as a replica learns what it served); and the mean
+    time of one search for both (ms)."""
     table, spent, calls = {}, 0.0, 0
     for ai, a in enumerate(answers):
         for L in range(a.prompt_len, len(a.ids) - 1):
             t0 = time.perf_counter()
-            chain = history.draft(a.ids[: L + 1], history_k)
+            found = history.copy(a.ids[: L + 1], history_k), history.chain(a.ids[: L + 1], history_k)
             spent += time.perf_counter() - t0
             calls += 1
-            if chain:
-                table[(ai, L)] = chain
+            if any(found):
+                table[(ai, L)] = found
         history.add(a.ids[: a.prompt_len], a.ids[a.prompt_len :])
     return table, 1000 * spent / max(calls, 1)
 

@@ -103,20 +103,35 @@ def test_greedy_with_lookup_matches_target_alone(tiny, tree_topk, lookup_k):
 
 @pytest.mark.parametrize("tree_topk", [0, 3])
 def test_greedy_with_the_answer_history_matches_target_alone(tiny, tree_topk):
-    """A history that learned the target's answers to some prompts (and noise: answers the target
-    never gives) drafts where prompt lookup finds nothing; the output stays the target's own,
-    with lookup's copies, the history's chains and the head's drafts taking turns."""
+    """A history that learned the target's answers to some prompts (and to others, answers the
+    target never gives) drafts its copies before prompt lookup and its chains where lookup finds
+    nothing; the output stays the target's own, with the history's copies, lookup's copies, the
+    history's chains and the head's drafts taking turns."""
     from tide.lookup import AnswerHistory
+
+    class Counted(AnswerHistory):  # which of the history's drafts the loop took
+        copies = chains = 0
+
+        def copy(self, sequence, k):
+            out = super().copy(sequence, k)
+            self.copies += out is not None
+            return out
+
+        def chain(self, sequence, k):
+            out = super().chain(sequence, k)
+            self.chains += out is not None
+            return out
 
     params = DecodeConfig(k=3, max_new_tokens=40, lookup_ngram=3, lookup_min_ngram=3, history_k=6,
                           tree_topk=tree_topk, tree_tokens=8)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 90, (6,), generator=g).tolist() for _ in range(4)]
-    history = AnswerHistory(max_ngram=3, min_count=1)
+    history = Counted(max_ngram=3, min_count=1, match_ngram=4)
     for p in prompts[:2]:  # answers seen before: the history is right on them
         history.add(p, target_generate(tiny, p, params).tokens)
-    for _ in range(4):  # answers never given: drafts the target rejects
-        history.add([], torch.randint(1, 90, (30,), generator=g).tolist())
+    for p in prompts[2:]:  # answers never given (every 5th token off): drafts partly rejected
+        right = target_generate(tiny, p, params).tokens
+        history.add(p, [t if i % 5 else (t + 1) % 90 for i, t in enumerate(right)])
     recalled = accepted = rejected = 0
     for prompt in prompts:
         base = target_generate(tiny, prompt, params)
@@ -130,6 +145,7 @@ def test_greedy_with_the_answer_history_matches_target_alone(tiny, tree_topk):
                 (spec.accepted - spec.lookup_accepted - spec.history_accepted + heads) / heads)
         rejected += spec.history_passes and spec.history_accepted < spec.drafted - params.k * heads
     assert recalled > 0 and accepted > 0 and rejected > 0
+    assert history.copies > 0 and history.chains > 0  # both kinds drafted
 
 
 def test_skipped_positions_reach_the_draft_cache_in_order(tiny):
@@ -252,7 +268,7 @@ def test_history_copies_from_one_earlier_answer_as_far_as_the_match_reaches():
     h = AnswerHistory(max_ngram=3, match_ngram=4)
     h.add([50, 51, 52, 53], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
     # seen once: the counted chain stays silent, the copy does not
-    assert h._chain([0, 1, 2, 3], 5) is None
+    assert h.chain([0, 1, 2, 3], 5) is None
     assert h.draft([0, 1, 2, 3, 4], 5) == [5, 6, 7, 8]  # 4 tokens agree: a copy of 4
     assert h.draft([53, 1, 2, 3, 4], 5) == [5, 6, 7, 8, 9]  # 5 agree (the prompt's end too): 5
     assert h.draft([51, 52, 53, 1, 2], 3) == [3, 4, 5]  # the answer's first tokens, from its prompt
@@ -273,7 +289,7 @@ def test_history_copies_are_forgotten_with_their_answers():
     only.add([], [6, 7, 8, 5])
     assert h._last.keys() == only._last.keys() and len(h) == 1
     assert h.draft([1, 2, 3], 2) is None and h.draft([6, 7, 8], 2) == [5]
-    assert AnswerHistory(match_ngram=0)._copy([1, 2, 3], 2) is None
+    assert AnswerHistory(match_ngram=0).copy([1, 2, 3], 2) is None
 
 
 def test_history_ignores_a_hash_collision():
