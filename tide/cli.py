@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # `tide load` prints its own line per request
     try:
         return COMMANDS[args.cmd](args)
     except TideError as e:
