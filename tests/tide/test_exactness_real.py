@@ -39,12 +39,12 @@ def trained_head(smol_fp32):
     return head.float().eval()
 
 
-def _check(target, head, prompts, baselines, k, tree_topk=0, lookup_ngram=0, gens=None):
+def _check(target, head, prompts, baselines, k, tree_topk=0, lookup_ngram=0, gens=None, history=None):
     params = DecodeConfig(max_new_tokens=40, k=k, tree_topk=tree_topk, tree_tokens=8,
-                          lookup_ngram=lookup_ngram, lookup_min_ngram=1)
+                          lookup_ngram=lookup_ngram, lookup_min_ngram=1, history_k=7 if history else 0)
     accept = []
     for ids, expected in zip(prompts, baselines):
-        g = speculative_generate(target, head, ids, params)
+        g = speculative_generate(target, head, ids, params, history=history)
         assert g.tokens == expected
         accept.append(g.mean_accept_len)
         if gens is not None:
@@ -83,6 +83,21 @@ def test_prompt_lookup_beside_the_head_is_exact(smol_fp32, prompts, baselines, t
     looked = sum(g.lookup_passes for g in gens)
     assert 0 < looked < sum(g.passes for g in gens)  # copies and the head both drafted
     assert sum(g.lookup_accepted for g in gens) > 0
+
+
+def test_answer_history_beside_lookup_and_the_head_is_exact(smol_fp32, prompts, baselines, trained_head):
+    """Repeated prompts are drafted from their first answers (copies), new ones partly from
+    what the answers share (chains); the output stays the target's own."""
+    from tide.lookup import AnswerHistory
+
+    history, gens = AnswerHistory(min_count=1), []
+    for ids, answer in zip(prompts[:4], baselines[:4]):
+        history.add(ids, answer)
+    _check(smol_fp32, trained_head, prompts[:8], baselines[:8], k=3, lookup_ngram=3, gens=gens, history=history)
+    repeats, new = gens[:4], gens[4:]
+    # drafted whole: every token after the first came from a copy or its pass's bonus token
+    assert all(g.history_passes == g.passes and g.history_accepted + g.passes >= len(g.tokens) - 1 for g in repeats)
+    assert sum(g.history_passes for g in new) > 0 and sum(g.passes for g in repeats) < sum(g.passes for g in new)
 
 
 @pytest.mark.skipif(not kernels.can_run(), reason="tide.kernels needs an x86 CPU with AVX2")
