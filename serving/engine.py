@@ -68,6 +68,8 @@ class ServingEngine:
         # but learns those of an earlier life under the same replica name
         self._source = f"{replica}/{uuid.uuid4().hex[:8]}"
         self._answers_after = "0"  # the last stream id read
+        # peers' answers read but not learned yet; bounded: a replica that decodes one long
+        # request while its peers serve more than this drops the oldest (the newest draft best)
         self._shared: deque[tuple[list[int], list[int]]] = deque(maxlen=4 * ANSWERS_PER_READ)
         k = cfg.decode.k
         self.stats_ = {
