@@ -69,7 +69,8 @@ class AnswerHistory:
     """Drafts from the answers served before (SuffixDecoding, Oliaro 2024; REST, He 2023), at
     no training cost: the moment an answer is served, its phrasing drafts the next requests.
 
-    Two drafts (`draft`: the first that has something):
+    Two drafts (the speculative loop asks for the copy before prompt lookup, whose matches are
+    shorter, and for the chain where lookup finds nothing):
     - a copy: when the text's last `match_ngram` tokens occurred in an answer (the newest
       answer with them, their first occurrence there), the tokens that followed, as many as
       the match reaches back (m tokens agree: min(m, k)), as prompt lookup copies from the
@@ -157,14 +158,9 @@ class AnswerHistory:
                     if not nxt:
                         del self._next[ctx]
 
-    def draft(self, sequence: list[int], k: int) -> list[int] | None:
-        """Up to k tokens to follow `sequence` (its last token the next token y), or None: the
-        copy, else the chain. (The speculative loop asks for the copy before prompt lookup, whose
-        matches are shorter, and for the chain after it.)"""
-        return self.copy(sequence, k) or self.chain(sequence, k)
-
     def copy(self, sequence: list[int], k: int) -> list[int] | None:
-        """What followed the text's last match_ngram tokens in an earlier answer, or None."""
+        """Up to k tokens that followed the text's last match_ngram tokens in an earlier answer,
+        or None. sequence: the text, its last token the next token y."""
         n = self.match_ngram
         if not n or len(sequence) < n:
             return None
@@ -181,7 +177,7 @@ class AnswerHistory:
         return seq[end : end + min(m, k)] or None
 
     def chain(self, sequence: list[int], k: int) -> list[int] | None:
-        """The counted chain that follows the text, or None."""
+        """The counted chain of up to k tokens that follows the text, or None."""
         out, ctx = [], list(sequence[-self.max_ngram:])
         while len(out) < k:
             for n in range(min(self.max_ngram, len(ctx)), self.min_ngram - 1, -1):

@@ -177,19 +177,19 @@ def test_history_drafts_what_followed_most_often():
     from tide.lookup import AnswerHistory
 
     h = AnswerHistory(max_ngram=3, min_count=2, min_share=0.6)
-    assert h.draft([1, 2], 4) is None  # knows nothing yet
+    assert h.chain([1, 2], 4) is None  # knows nothing yet
     h.add([], [1, 2, 3, 4])
-    assert h.draft([5, 1, 2], 4) is None  # seen once: below min_count
+    assert h.chain([5, 1, 2], 4) is None  # seen once: below min_count
     h.add([], [1, 2, 3, 4])
-    assert h.draft([5, 1, 2], 4) == [3, 4]  # nothing followed 4: the chain stops there
-    assert h.draft([5, 1, 2], 1) == [3]  # k caps the chain
+    assert h.chain([5, 1, 2], 4) == [3, 4]  # nothing followed 4: the chain stops there
+    assert h.chain([5, 1, 2], 1) == [3]  # k caps the chain
     h.add([], [1, 2, 7, 7])
     h.add([], [1, 2, 7, 7])
-    assert h.draft([5, 1, 2], 4) is None  # 3 and 7 tie: undecided, no draft
+    assert h.chain([5, 1, 2], 4) is None  # 3 and 7 tie: undecided, no draft
     h.add([], [0, 1, 2, 9])
     h.add([], [0, 1, 2, 9])
-    assert h.draft([0, 1, 2], 1) == [9]  # the longest known context decides
-    assert h.draft([6, 1, 2], 1) is None  # (1, 2) alone: 3, 7, 9 tie
+    assert h.chain([0, 1, 2], 1) == [9]  # the longest known context decides
+    assert h.chain([6, 1, 2], 1) is None  # (1, 2) alone: 3, 7, 9 tie
     assert len(h) == 6 and h.tokens == 24
 
 
@@ -198,8 +198,8 @@ def test_history_learns_an_answers_first_tokens_from_its_prompt():
 
     h = AnswerHistory(max_ngram=2, min_count=1)
     h.add([4, 7, 8], [1, 2])
-    assert h.draft([3, 7, 8], 3) == [1, 2]  # (7, 8) -> 1: the prompt's end is the context
-    assert h.draft([9, 4, 7], 1) is None  # prompt tokens before the last max_ngram are not learned
+    assert h.chain([3, 7, 8], 3) == [1, 2]  # (7, 8) -> 1: the prompt's end is the context
+    assert h.chain([9, 4, 7], 1) is None  # prompt tokens before the last max_ngram are not learned
     assert h.tokens == 2
 
 
@@ -213,7 +213,7 @@ def test_history_forgets_the_oldest_answers_exactly():
     only = AnswerHistory(max_ngram=3, max_tokens=5, min_count=1)
     only.add([8], [5, 6, 1])
     assert h._next == only._next and h.tokens == 3 and len(h) == 1
-    assert h.draft([0, 1, 2], 2) is None and h.draft([0, 5, 6], 1) == [1]
+    assert h.chain([0, 1, 2], 2) is None and h.chain([0, 5, 6], 1) == [1]
 
 
 def test_history_from_config_seeds_from_a_records_folder(tmp_path):
@@ -231,7 +231,7 @@ def test_history_from_config_seeds_from_a_records_folder(tmp_path):
         return history_from_config(load_config(overrides=["decode.history_k=4", f"serving.history_records={folder}"]))
 
     h = seeded(tmp_path / "recs")
-    assert len(h) == 2 and h.tokens == 8 and h.draft([5, 6], 4) == [1, 2, 3, 4]
+    assert len(h) == 2 and h.tokens == 8 and h.chain([5, 6], 4) == [1, 2, 3, 4]
     with pytest.raises(HistoryError, match="no such folder"):
         seeded(tmp_path / "nope")
     (tmp_path / "bad").mkdir()
@@ -269,13 +269,13 @@ def test_history_copies_from_one_earlier_answer_as_far_as_the_match_reaches():
     h.add([50, 51, 52, 53], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
     # seen once: the counted chain stays silent, the copy does not
     assert h.chain([0, 1, 2, 3], 5) is None
-    assert h.draft([0, 1, 2, 3, 4], 5) == [5, 6, 7, 8]  # 4 tokens agree: a copy of 4
-    assert h.draft([53, 1, 2, 3, 4], 5) == [5, 6, 7, 8, 9]  # 5 agree (the prompt's end too): 5
-    assert h.draft([51, 52, 53, 1, 2], 3) == [3, 4, 5]  # the answer's first tokens, from its prompt
-    assert h.draft([2, 3, 4, 9], 5) is None  # no 4 tokens in a row match
-    assert h.draft([7, 8, 9, 10], 5) is None  # nothing followed the end of the answer
+    assert h.copy([0, 1, 2, 3, 4], 5) == [5, 6, 7, 8]  # 4 tokens agree: a copy of 4
+    assert h.copy([53, 1, 2, 3, 4], 5) == [5, 6, 7, 8, 9]  # 5 agree (the prompt's end too): 5
+    assert h.copy([51, 52, 53, 1, 2], 3) == [3, 4, 5]  # the answer's first tokens, from its prompt
+    assert h.copy([2, 3, 4, 9], 5) is None  # no 4 tokens in a row match
+    assert h.copy([7, 8, 9, 10], 5) is None  # nothing followed the end of the answer
     h.add([], [1, 2, 3, 4, 0, 0])
-    assert h.draft([9, 1, 2, 3, 4], 5) == [0, 0]  # the most recent occurrence wins
+    assert h.copy([9, 1, 2, 3, 4], 5) == [0, 0]  # the most recent occurrence wins
 
 
 def test_history_copies_are_forgotten_with_their_answers():
@@ -288,7 +288,7 @@ def test_history_copies_are_forgotten_with_their_answers():
     only = AnswerHistory(max_ngram=3, match_ngram=3, max_tokens=6)
     only.add([], [6, 7, 8, 5])
     assert h._last.keys() == only._last.keys() and len(h) == 1
-    assert h.draft([1, 2, 3], 2) is None and h.draft([6, 7, 8], 2) == [5]
+    assert h.copy([1, 2, 3], 2) is None and h.copy([6, 7, 8], 2) == [5]
     assert AnswerHistory(match_ngram=0).copy([1, 2, 3], 2) is None
 
 
@@ -298,7 +298,7 @@ def test_history_ignores_a_hash_collision():
     h = AnswerHistory(max_ngram=3, match_ngram=3)
     h.add([], [1, 2, 3, 4])
     h._last[hash((7, 8, 9))] = h._last[hash((1, 2, 3))]  # (7, 8, 9) pretends to end where (1, 2, 3) does
-    assert h.draft([7, 8, 9], 2) is None
+    assert h.copy([7, 8, 9], 2) is None
 
 
 def test_history_copies_from_the_first_occurrence_within_an_answer():
@@ -306,4 +306,4 @@ def test_history_copies_from_the_first_occurrence_within_an_answer():
 
     h = AnswerHistory(max_ngram=3, match_ngram=3)
     h.add([], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3])  # a loop: the last (1, 2, 3) has nothing after it
-    assert h.draft([9, 1, 2, 3], 5) == [4, 1, 2]  # three agree: a copy of 3, from the first
+    assert h.copy([9, 1, 2, 3], 5) == [4, 1, 2]  # three agree: a copy of 3, from the first
