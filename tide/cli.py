@@ -188,7 +188,7 @@ def cmd_tune(args) -> int:
     from tide.lookup import history_from_config
     from tide.models import load_target
     from tide.prompts import HOLDOUT_EVERY, encode
-    from tide.tune import run_tune
+    from tide.tune import MATCH_NGRAMS, run_tune
 
     cfg = _cfg(args)
     path = args.draft or cfg.draft.path
@@ -207,9 +207,13 @@ def cmd_tune(args) -> int:
     target = load_target(cfg.model, cfg.draft.feature_layers)
     head, _ = load_draft(path, target)
     ids = [encode(target.tokenizer, p) for p in prompts]
-    # decode.history_k > 0: also price the answer history, seeded without the replayed prompts
+    # decode.history_k > 0: also price the answer history, seeded without the replayed prompts;
+    # seeded with the longest copy match compared, so that each keeps the prompt tokens it would
+    match_ngrams = tuple(sorted({cfg.serving.history_match_ngram, *MATCH_NGRAMS}))
+    cfg.serving.history_match_ngram = max(match_ngrams)
     history = history_from_config(cfg, skip_prompts={tuple(i) for i in ids})
-    result = run_tune(target, head, ids, cfg.decode, cfg.model.max_context, args.max_k, history=history)
+    result = run_tune(target, head, ids, cfg.decode, cfg.model.max_context, args.max_k, history=history,
+                      match_ngrams=match_ngrams)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -131,6 +131,16 @@ class AnswerHistory:
             self._first_serial += 1
             self.tokens -= len(old) - old_first
 
+    def rebuilt(self, match_ngram: int) -> AnswerHistory:
+        """A history of the same answers that copies on match_ngram tokens (what `tide tune`
+        compares). Each answer keeps the prompt tokens it kept here, so one built with the
+        largest match_ngram to compare equals a history built afresh with each."""
+        out = AnswerHistory(self.max_ngram, self.min_ngram, self.max_tokens, self.min_count, self.min_share,
+                            match_ngram)
+        for seq, first in self._answers:
+            out.add(seq[:first], seq[first:])
+        return out
+
     def _index(self, seq: list[int], first: int, serial: int, sign: int) -> None:
         n = self.match_ngram
         if not n:

@@ -19,7 +19,8 @@ minutes and prices every setting on the same answers:
 With an answer history (`decode.history_k` > 0 and its seed, serving.history_records), every
 setting with prompt lookup also runs with the history: its copies before lookup, its chains
 where lookup finds none; the history learns each answer after its replay, as a replica learns
-a served one.
+a served one. Its copies are priced for every match length in MATCH_NGRAMS and the configured
+`serving.history_match_ngram` (0: chains only), each on a history of the same answers.
 
 Predicted speedup: answer tokens x one target step / the passes' cost (decode only; prefill is
 the same for both and left out). A setting is `bit_exact` when its widest pass gets single-step
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5)
 NARROW = NARROW_ROWS - 1  # the longest copy or chain whose passes the kernels take on AVX512-BF16 CPUs
 LOOKUP_KS = (0, NARROW, 8, 12, 16)  # 0: copies of k tokens
+MATCH_NGRAMS = (0, 4, 6, 8)  # the history's copies: how many of the text's last tokens must match; 0 = none
 
 
 @dataclass
@@ -81,6 +83,7 @@ class Setting:
     lookup_min_ngram: int
     lookup_k: int
     history_k: int = 0
+    history_match_ngram: int = 6  # serving.history_match_ngram, read where history_k > 0
 
     def widest_pass(self) -> int:
         """Rows of the widest verify pass this setting makes: y and its longest draft."""
@@ -91,7 +94,8 @@ class Setting:
         if self.lookup_ngram:
             out += (f" decode.lookup_ngram={self.lookup_ngram} decode.lookup_min_ngram={self.lookup_min_ngram}"
                     f" decode.lookup_k={self.lookup_k}")
-        return out + f" decode.history_k={self.history_k} decode.tree_topk=0"
+        out += f" decode.history_k={self.history_k} decode.tree_topk=0"
+        return out + (f" serving.history_match_ngram={self.history_match_ngram}" if self.history_k else "")
 
 
 @torch.inference_mode()
@@ -262,7 +266,8 @@ def exact_rows(target: Target) -> int:
     return kernel_rows(target.bf16_kernel) if target.skinny_matmul else 0
 
 
-def settings_grid(max_k: int, ngram: int, min_ngram: int, history_k: int = 0) -> list[Setting]:
+def settings_grid(max_k: int, ngram: int, min_ngram: int, history_k: int = 0,
+                  match_ngrams: tuple[int, ...] = (6,)) -> list[Setting]:
     grid = []
     for k in range(1, max_k + 1):
         for th in THRESHOLDS if k > 1 else (0.0,):
@@ -272,16 +277,19 @@ def settings_grid(max_k: int, ngram: int, min_ngram: int, history_k: int = 0) ->
     if history_k:  # the history beside every lookup setting, also with chains the kernels' passes take
         with_lookup = [s for s in grid if s.lookup_ngram]
         for hk in sorted({history_k, min(history_k, NARROW)}):
-            grid += [replace(s, history_k=hk) for s in with_lookup]
+            grid += [replace(s, history_k=hk, history_match_ngram=m) for m in match_ngrams for s in with_lookup]
     return grid
 
 
 def run_tune(target: Target, head: DraftHead, prompts: list[list[int]], params: DecodeConfig,
              max_context: int, max_k: int, lookup_ngram: int = 3, lookup_min_ngram: int = 2,
-             history: AnswerHistory | None = None) -> dict:
+             history: AnswerHistory | None = None, match_ngrams: tuple[int, ...] | None = None) -> dict:
     """prompts: token ids; answers run to params.max_new_tokens. With a history (and
     params.history_k > 0), the lookup settings are also priced with its chains. Returns the
-    measured costs and every setting's predicted figures, best first."""
+    measured costs and every setting's predicted figures, best first. The history's copies are
+    priced for each of match_ngrams (default: MATCH_NGRAMS and the history's own), on
+    history.rebuilt(n): build the seed with the largest, so that each keeps the prompt tokens
+    a history built with it would."""
     answers = []
     t0 = time.perf_counter()
     for i, ids in enumerate(prompts):
@@ -289,18 +297,23 @@ def run_tune(target: Target, head: DraftHead, prompts: list[list[int]], params: 
         log.info("[%d/%d] answered and replayed the head's chains (%.0f s)", i + 1, len(prompts),
                  time.perf_counter() - t0)
     history_k = params.history_k if history is not None else 0
-    grid = settings_grid(max_k, lookup_ngram, lookup_min_ngram, history_k)
+    if history_k:
+        match_ngrams = tuple(sorted(set(match_ngrams or (*MATCH_NGRAMS, history.match_ngram))))
+    grid = settings_grid(max_k, lookup_ngram, lookup_min_ngram, history_k, match_ngrams or ())
     lookups, lookup_ms = lookup_table(answers, grid)
-    recalls, history_ms = history_table(answers, history, history_k) if history_k else ({}, 0.0)
+    recalls, history_ms = {}, {}  # by match_ngram
+    for n in match_ngrams if history_k else ():
+        recalls[n], history_ms[n] = history_table(answers, history.rebuilt(n), history_k)
     widest = max(max_k, *LOOKUP_KS) + 1
     context = max(answers, key=lambda a: len(a.ids)).ids
     log.info("measuring verify passes of 1..%d tokens on a %d-token context", widest, len(context))
     costs = measure_costs(target, head, context, widest)
-    costs.lookup, costs.history = lookup_ms, history_ms
+    costs.lookup, costs.history = lookup_ms, history_ms.get(history.match_ngram, 0.0) if history_k else 0.0
     limit = exact_rows(target)  # wider passes than this are not token-identical to the target alone
     rows = []
     for s in grid:
-        r = replay(answers, s, costs, lookups, recalls)
+        n = s.history_match_ngram
+        r = replay(answers, s, replace(costs, history=history_ms.get(n, 0.0)), lookups, recalls.get(n))
         rows.append({**asdict(s), "overrides": s.overrides(),
                      "predicted_speedup": round(r["tokens"] * costs.target_step / r["ms"], 3),
                      "mean_accept_len": round(r["tokens"] / r["passes"], 3),

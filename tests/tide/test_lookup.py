@@ -307,3 +307,29 @@ def test_history_copies_from_the_first_occurrence_within_an_answer():
     h = AnswerHistory(max_ngram=3, match_ngram=3)
     h.add([], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3])  # a loop: the last (1, 2, 3) has nothing after it
     assert h.copy([9, 1, 2, 3], 5) == [4, 1, 2]  # three agree: a copy of 3, from the first
+
+
+def test_a_rebuilt_history_equals_one_built_afresh_with_its_match_length():
+    """`tide tune` compares copy match lengths on one seed: rebuilt(n) from a history built with
+    the longest must draft what a history built with n from the same answers drafts."""
+    from tide.lookup import AnswerHistory
+
+    answers = [([50, 51, 52, 53, 54, 55, 56, 57], [1, 2, 3, 4, 5, 6, 7, 8, 9]),
+               ([60, 61, 62, 63, 64, 65, 66, 67], [3, 4, 5, 6, 7, 0, 0, 1, 2, 3, 4]),
+               ([70, 71], [1, 2, 3, 4, 5, 6, 9, 9])]
+    seed = AnswerHistory(max_ngram=3, match_ngram=8, max_tokens=20, min_count=1)
+    for context, ans in answers:
+        seed.add(context, ans)
+    texts = [[56, 57, 1, 2], [9, 3, 4, 5, 6], [66, 67, 3, 4], [0, 1, 2, 3, 4], [5, 6, 7, 0, 0, 1, 2, 3, 4],
+             [63, 64, 65, 66, 67, 3, 4, 5, 6]]
+    for n in (0, 2, 4, 6, 8):
+        fresh = AnswerHistory(max_ngram=3, match_ngram=n, max_tokens=20, min_count=1)
+        for context, ans in answers:
+            fresh.add(context, ans)
+        again = seed.rebuilt(n)
+        assert (again.match_ngram, again.tokens, len(again), again._next) == (n, fresh.tokens, len(fresh), fresh._next)
+        assert [again.copy(t, 6) for t in texts] == [fresh.copy(t, 6) for t in texts]
+        assert any(fresh.copy(t, 6) for t in texts) == bool(n)  # the comparison saw copies
+        assert [again.chain(t, 6) for t in texts] == [fresh.chain(t, 6) for t in texts]
+    assert len(seed) == 2  # the cap (20 tokens) dropped the first answer; rebuilt ones hold the same two
+    assert seed.rebuilt(4).copy([1, 2, 3, 4], 3) == [5, 6, 9]  # the newest answer with (1, 2, 3, 4)

@@ -42,7 +42,9 @@ def test_head_draft_cost_counts_the_calls_propose_makes():
 
 @pytest.mark.parametrize("setting", [Setting(3, 0.0, 0, 2, 0), Setting(5, 0.3, 0, 2, 0),
                                      Setting(3, 0.2, 3, 2, 0), Setting(2, 0.0, 3, 2, 9),
-                                     Setting(2, 0.0, 3, 2, 0, history_k=6)])
+                                     Setting(2, 0.0, 3, 2, 0, history_k=6),
+                                     Setting(1, 0.0, 3, 2, 7, history_k=7, history_match_ngram=4),
+                                     Setting(2, 0.0, 3, 2, 0, history_k=6, history_match_ngram=0)])
 def test_replay_takes_the_passes_decode_takes(tiny, setting):
     """The replay's passes, lookup passes and drafted tokens are those of the real speculative
     loop under the same setting, on the same prompts: what it prices is what decode does. With a
@@ -59,7 +61,8 @@ def test_replay_takes_the_passes_decode_takes(tiny, setting):
         history = real_history = None
         if setting.history_k:
             prompts = prompts[:2] * 2
-            history, real_history = AnswerHistory(min_count=1), AnswerHistory(min_count=1)
+            history, real_history = (AnswerHistory(min_count=1, match_ngram=setting.history_match_ngram)
+                                     for _ in range(2))
         answers = [answer(tiny, head, p, params, 2048, max_k=5) for p in prompts]
         lookups, _ = lookup_table(answers, [setting])
         recalls = history_table(answers, history, setting.history_k)[0] if history is not None else None
@@ -95,6 +98,22 @@ def test_run_tune_ranks_every_setting_on_measured_costs(tiny):
     c = out["costs_ms"]
     assert len(c["verify"]) == 18 and all(v > 0 for v in c["verify"][1:]) and c["target_step"] > 0
     assert 0 < out["answer_tokens"] <= 2 * 24
+
+
+def test_run_tune_prices_the_history_for_each_copy_match_length(tiny):
+    """The history's copies are priced for every match length compared (0: chains only), each
+    setting naming its own; on prompts asked twice, copies draft the repeats."""
+    head = _peaked(_good_head(tiny))
+    prompts = list(_repetitive_prompts())[:2] * 2
+    out = run_tune(tiny, head, prompts, DecodeConfig(max_new_tokens=24, history_k=4), 2048, max_k=2,
+                   history=AnswerHistory(match_ngram=8), match_ngrams=(0, 4, 8))
+    rows = out["settings"]
+    assert len({r["overrides"] for r in rows}) == len(rows)
+    with_history = [r for r in rows if r["history_k"]]
+    assert {r["history_match_ngram"] for r in with_history} == {0, 4, 8}
+    assert all(r["overrides"].endswith(f"serving.history_match_ngram={r['history_match_ngram']}") for r in with_history)
+    share = {n: max(r["history_pass_share"] for r in with_history if r["history_match_ngram"] == n) for n in (0, 4, 8)}
+    assert share[4] > share[0] and share[8] > share[0]
 
 
 def test_tune_cli_refuses_without_a_draft_or_prompts(tmp_path, capsys):
