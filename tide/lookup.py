@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from array import array
 from collections import deque
 from pathlib import Path
 
@@ -65,17 +66,22 @@ def _agree_backwards(a: torch.Tensor, b: torch.Tensor, limit: int) -> int:
     return int(same.cumprod(0).sum())
 
 
+SCORE_REACH = 32  # AnswerHistory.copy: agreement counted back this far to pick among occurrences
+
+
 class AnswerHistory:
     """Drafts from the answers served before (SuffixDecoding, Oliaro 2024; REST, He 2023), at
     no training cost: the moment an answer is served, its phrasing drafts the next requests.
 
     Two drafts (the speculative loop asks for the copy before prompt lookup, whose matches are
     shorter, and for the chain where lookup finds nothing):
-    - a copy: when the text's last `match_ngram` tokens occurred in an answer (the newest
-      answer with them, their first occurrence there), the tokens that followed, as many as
-      the match reaches back (m tokens agree: min(m, k)), as prompt lookup copies from the
-      prompt. One occurrence is enough: a request served before (a retry, a popular prompt, an
-      agent's repeated step) is drafted whole, whichever replica served it.
+    - a copy: when the text's last `match_ngram` tokens occurred in an answer, the tokens that
+      followed, as many as the match reaches back (m tokens agree: min(m, k)), as prompt lookup
+      copies from the prompt. Of the last `max_candidates` occurrences, the one with the longest
+      copy wins, then the one whose match reaches furthest back, then the newest: the answer to
+      the same request over a newer one that shares a phrase. One occurrence is enough: a request
+      served before (a retry, a popular prompt, an agent's repeated step) is drafted whole,
+      whichever replica served it.
     - a chain from counts of the token that followed every context of `min_ngram`..`max_ngram`
       tokens: the longest context of the text's end that the history knows decides the next
       token, the one that followed it most often, as long as it did so at least `min_count`
@@ -89,19 +95,24 @@ class AnswerHistory:
     target. Not thread-safe; the serving engine adds and drafts under its decode lock."""
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2, max_tokens: int = 200_000,
-                 min_count: int = 2, min_share: float = 0.6, match_ngram: int = 6):
+                 min_count: int = 2, min_share: float = 0.6, match_ngram: int = 6, max_candidates: int = 16):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         if match_ngram < 0:
             raise ValueError(f"need match_ngram >= 0 (0 = no copies), got {match_ngram}")
+        if max_candidates < 1:
+            raise ValueError(f"need max_candidates >= 1, got {max_candidates}")
         self.min_ngram, self.max_ngram, self.max_tokens = min_ngram, max_ngram, max_tokens
         self.min_count, self.min_share, self.match_ngram = min_count, min_share, match_ngram
+        self.max_candidates = max_candidates
         self._next: dict[tuple[int, ...], dict[int, int]] = {}
-        # hash of a match_ngram-gram -> where it ended in the newest answer with it, packed as
-        # serial << 32 | end (one int per answer token; a hash collision is caught by comparing
-        # the tokens)
+        # The copies' index, hash chains as in zlib: hash of a match_ngram-gram -> where it last
+        # ended, packed as serial << 32 | end; each answer's `prev` holds, for every position its
+        # n-grams end at, where the same hash ended before (-1: nowhere). A hash collision is
+        # caught by comparing the tokens; a chain ends at an answer forgotten since.
         self._last: dict[int, int] = {}
-        self._answers: deque[tuple[list[int], int]] = deque()  # (context + answer, where it starts)
+        # (context + answer, where the answer starts, prev for ends first' .. len - 1)
+        self._answers: deque[tuple[list[int], int, array]] = deque()
         self._first_serial = 0  # serial number of self._answers[0]
         self.tokens = 0  # answer tokens held
 
@@ -121,13 +132,13 @@ class AnswerHistory:
         seq = [*context[-self.context_tokens:], *answer]
         first = len(seq) - len(answer)
         self._count(seq, first, +1)
-        self._index(seq, first, self._first_serial + len(self._answers), +1)
-        self._answers.append((seq, first))
+        prev = self._index(seq, first, self._first_serial + len(self._answers))
+        self._answers.append((seq, first, prev))
         self.tokens += len(answer)
         while self.tokens > self.max_tokens and len(self._answers) > 1:
-            old, old_first = self._answers.popleft()
+            old, old_first, _ = self._answers.popleft()
             self._count(old, old_first, -1)
-            self._index(old, old_first, self._first_serial, -1)
+            self._unindex(old, old_first, self._first_serial)
             self._first_serial += 1
             self.tokens -= len(old) - old_first
 
@@ -136,23 +147,30 @@ class AnswerHistory:
         compares). Each answer keeps the prompt tokens it kept here, so one built with the
         largest match_ngram to compare equals a history built afresh with each."""
         out = AnswerHistory(self.max_ngram, self.min_ngram, self.max_tokens, self.min_count, self.min_share,
-                            match_ngram)
-        for seq, first in self._answers:
+                            match_ngram, self.max_candidates)
+        for seq, first, _ in self._answers:
             out.add(seq[:first], seq[first:])
         return out
 
-    def _index(self, seq: list[int], first: int, serial: int, sign: int) -> None:
-        n = self.match_ngram
+    def _index(self, seq: list[int], first: int, serial: int) -> array:
+        """Link the answer's n-grams into the chains; returns its prev."""
+        n, prev = self.match_ngram, array("q")
         if not n:
-            return
+            return prev
+        last = self._last
         for e in range(max(first, n), len(seq)):  # the n tokens before seq[e] end at e
-            key, where = hash(tuple(seq[e - n : e])), serial << 32 | e
-            if sign > 0:
-                # the newest answer, but the first occurrence in it: where text repeats within
-                # an answer, the first has the most tokens after it
-                if self._last.get(key, -1) >> 32 != serial:
-                    self._last[key] = where
-            elif self._last.get(key) == where:  # not overwritten by a newer answer since
+            key = hash(tuple(seq[e - n : e]))
+            prev.append(last.get(key, -1))
+            last[key] = serial << 32 | e
+        return prev
+
+    def _unindex(self, seq: list[int], first: int, serial: int) -> None:
+        """Forget the oldest answer: chains that reach it end there (copy() stops at serials
+        before the first one held), heads that still point into it go."""
+        n = self.match_ngram
+        for e in range(max(first, n), len(seq)) if n else ():
+            key = hash(tuple(seq[e - n : e]))
+            if self._last.get(key) == serial << 32 | e:  # no newer occurrence since
                 del self._last[key]
 
     def _count(self, seq: list[int], first: int, sign: int) -> None:
@@ -174,17 +192,26 @@ class AnswerHistory:
         n = self.match_ngram
         if not n or len(sequence) < n:
             return None
-        where = self._last.get(hash(tuple(sequence[-n:])))
-        if where is None:
-            return None
-        seq, _ = self._answers[(where >> 32) - self._first_serial]
-        end = where & 0xFFFFFFFF
-        if seq[end - n : end] != list(sequence[-n:]):  # a hash collision
-            return None
-        m = n  # how many tokens agree, counting back from the text's end
-        while m < k and m < end and m < len(sequence) and seq[end - 1 - m] == sequence[-1 - m]:
-            m += 1
-        return seq[end : end + min(m, k)] or None
+        suffix = list(sequence[-n:])
+        where = self._last.get(hash(tuple(suffix)), -1)
+        best, best_score = None, (0, 0)
+        reach = max(k, SCORE_REACH)  # how far back agreement is counted, to rank the candidates
+        for _ in range(self.max_candidates):
+            i = (where >> 32) - self._first_serial
+            if where < 0 or i < 0:  # the chain's end, or an answer forgotten since
+                break
+            seq, first, prev = self._answers[i]
+            end = where & 0xFFFFFFFF
+            where = prev[end - max(first, n)]
+            if seq[end - n : end] != suffix:  # a hash collision
+                continue
+            m = n  # how many tokens agree, counting back from the text's end
+            while m < reach and m < end and m < len(sequence) and seq[end - 1 - m] == sequence[-1 - m]:
+                m += 1
+            score = (min(m, k, len(seq) - end), m)  # the longest copy, then the longest match
+            if score > best_score:  # strictly: on a tie the newer occurrence stays
+                best, best_score = seq[end : end + score[0]], score
+        return best or None
 
     def chain(self, sequence: list[int], k: int) -> list[int] | None:
         """The counted chain of up to k tokens that follows the text, or None."""

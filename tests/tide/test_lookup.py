@@ -274,8 +274,28 @@ def test_history_copies_from_one_earlier_answer_as_far_as_the_match_reaches():
     assert h.copy([51, 52, 53, 1, 2], 3) == [3, 4, 5]  # the answer's first tokens, from its prompt
     assert h.copy([2, 3, 4, 9], 5) is None  # no 4 tokens in a row match
     assert h.copy([7, 8, 9, 10], 5) is None  # nothing followed the end of the answer
-    h.add([], [1, 2, 3, 4, 0, 0])
-    assert h.copy([9, 1, 2, 3, 4], 5) == [0, 0]  # the most recent occurrence wins
+    h.add([], [1, 2, 3, 4, 0, 0, 0, 0])
+    assert h.copy([9, 1, 2, 3, 4], 4) == [0, 0, 0, 0]  # copies of the same length: the newest wins
+    h.add([], [1, 2, 3, 4, 7])
+    assert h.copy([9, 1, 2, 3, 4], 4) == [0, 0, 0, 0]  # ... over a newer one whose answer ends sooner
+
+
+def test_history_copies_from_the_occurrence_whose_match_reaches_furthest_back():
+    """A request asked again is copied from its own earlier answer, not from a newer answer that
+    shares a phrase with it; but only the last max_candidates occurrences are looked at."""
+    from tide.lookup import AnswerHistory
+
+    phrase = [1, 2, 3, 4]
+    h = AnswerHistory(max_ngram=3, match_ngram=4, max_candidates=3)
+    h.add([80, 81], [20, 21, 22, *phrase, 30, 31, 32])  # the answer asked again below
+    h.add([82, 83], [40, 41, *phrase, 50, 51, 52])
+    h.add([84], [60, *phrase, 70, 71, 72])
+    assert h.copy([21, 22, *phrase], 3) == [30, 31, 32]  # 6 tokens agree against 4 and 4
+    assert h.copy([99, 41, *phrase], 2) == [50, 51]  # 5 agree: the middle one
+    assert h.copy([99, 98, *phrase], 3) == [70, 71, 72]  # only the phrase agrees: the newest
+    h.add([85], [61, *phrase, 73, 74, 75])  # a fourth occurrence pushes the first out of reach
+    assert h.copy([21, 22, *phrase], 3) == [73, 74, 75]
+    assert AnswerHistory(max_ngram=3, match_ngram=4, max_candidates=4).rebuilt(4).max_candidates == 4
 
 
 def test_history_copies_are_forgotten_with_their_answers():
