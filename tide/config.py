@@ -169,7 +169,7 @@ class ServingConfig:
     # start's --records) whose answers it learns at startup; empty: it starts empty
     history_tokens: int = 200_000
     history_ngram: int = 3
-    history_match_ngram: int = 6
+    history_match_ngram: int = 12
     history_records: str = ""
     # every replica's answers draft on every replica: each served answer goes to Redis
     # ({redis.prefix}:answers, the newest redis.answers_maxlen kept), and a replica that starts

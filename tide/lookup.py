@@ -95,7 +95,7 @@ class AnswerHistory:
     target. Not thread-safe; the serving engine adds and drafts under its decode lock."""
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2, max_tokens: int = 200_000,
-                 min_count: int = 2, min_share: float = 0.6, match_ngram: int = 6, max_candidates: int = 16):
+                 min_count: int = 2, min_share: float = 0.6, match_ngram: int = 12, max_candidates: int = 16):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         if match_ngram < 0:

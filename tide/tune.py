@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5)
 NARROW = NARROW_ROWS - 1  # the longest copy or chain whose passes the kernels take on AVX512-BF16 CPUs
 LOOKUP_KS = (0, NARROW, 8, 12, 16)  # 0: copies of k tokens
-MATCH_NGRAMS = (0, 4, 6, 8)  # the history's copies: how many of the text's last tokens must match; 0 = none
+MATCH_NGRAMS = (0, 4, 6, 8, 12, 16)  # the history's copies: how many of the text's last tokens must match; 0 = none
 
 
 @dataclass
@@ -83,7 +83,7 @@ class Setting:
     lookup_min_ngram: int
     lookup_k: int
     history_k: int = 0
-    history_match_ngram: int = 6  # serving.history_match_ngram, read where history_k > 0
+    history_match_ngram: int = 12  # serving.history_match_ngram, read where history_k > 0
 
     def widest_pass(self) -> int:
         """Rows of the widest verify pass this setting makes: y and its longest draft."""
