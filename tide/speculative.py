@@ -269,7 +269,7 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
             reason = "length"
             break
         t0 = time.perf_counter()
-        # drafts without the head, longest match first: a copy from an earlier answer (6+
+        # drafts without the head, longest match first: a copy from an earlier answer (12+
         # tokens agree), prompt lookup (2-3), the history's counted chain
         looked, recalled = None, False
         recall = params.history_k and history is not None
