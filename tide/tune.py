@@ -22,11 +22,15 @@ where lookup finds none; the history learns each answer after its replay, as a r
 a served one. Its copies are priced for every match length in MATCH_NGRAMS and the configured
 `serving.history_match_ngram` (0: chains only), each on a history of the same answers.
 
+Beside the chains, one-level trees (`decode.k=1 decode.tree_topk=t decode.tree_tokens=t`: the
+head's t likeliest next tokens checked in one pass, TREE_WIDTHS) are priced the same way, their
+pass as a chain's of the same width.
+
 Predicted speedup: answer tokens x one target step / the passes' cost (decode only; prefill is
 the same for both and left out). A setting is `bit_exact` when its widest pass gets single-step
 bits on this machine (fp32; bf16 on tide's kernels, which on AVX512-BF16 CPUs take passes of up
 to 8 rows): `best` is the fastest such setting, `best_any` the fastest of all. Greedy chains
-only: trees and sampling are not replayed. Tune on prompts the head did not train on
+only, and trees of one level: deeper trees and sampling are not replayed. Tune on prompts the head did not train on
 (`--holdout`: the warm start's held-out prompts), then check the pick with `tide bench`.
 """
 
@@ -53,6 +57,7 @@ log = logging.getLogger(__name__)
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5)
 NARROW = NARROW_ROWS - 1  # the longest copy or chain whose passes the kernels take on AVX512-BF16 CPUs
 LOOKUP_KS = (0, NARROW, 8, 12, 16)  # 0: copies of k tokens
+TREE_WIDTHS = (2, 3, 4)  # one-level trees: the head's top-t next tokens in one pass
 MATCH_NGRAMS = (0, 4, 6, 8, 12, 16)  # the history's copies: how many of the text's last tokens must match; 0 = none
 
 
@@ -62,6 +67,7 @@ class Answer:
     prompt_len: int
     chains: torch.Tensor  # (T - prompt_len + 1, max_k) the head's chain at state L = prompt_len + row
     probs: torch.Tensor  # (T - prompt_len + 1, max_k) its probability of each token
+    top: torch.Tensor  # (T - prompt_len + 1, max(TREE_WIDTHS)) its likeliest first tokens, best first
 
 
 @dataclass
@@ -84,17 +90,19 @@ class Setting:
     lookup_k: int
     history_k: int = 0
     history_match_ngram: int = 12  # serving.history_match_ngram, read where history_k > 0
+    tree: int = 0  # > 1: k=1 and the head drafts a one-level tree of this many tokens
 
     def widest_pass(self) -> int:
         """Rows of the widest verify pass this setting makes: y and its longest draft."""
-        return 1 + max(self.k, self.lookup_k if self.lookup_ngram else 0, self.history_k)
+        return 1 + max(self.k, self.tree, self.lookup_k if self.lookup_ngram else 0, self.history_k)
 
     def overrides(self) -> str:
         out = f"decode.k={self.k} decode.draft_threshold={self.draft_threshold}"
         if self.lookup_ngram:
             out += (f" decode.lookup_ngram={self.lookup_ngram} decode.lookup_min_ngram={self.lookup_min_ngram}"
                     f" decode.lookup_k={self.lookup_k}")
-        out += f" decode.history_k={self.history_k} decode.tree_topk=0"
+        out += f" decode.history_k={self.history_k} decode.tree_topk={self.tree}"
+        out += f" decode.tree_tokens={self.tree}" if self.tree else ""
         return out + (f" serving.history_match_ngram={self.history_match_ngram}" if self.history_k else "")
 
 
@@ -112,16 +120,19 @@ def answer(target: Target, head: DraftHead, prompt_ids: list[int], params: Decod
         head(head.fuse(feats[None, :first]), embed(x[None, 1 : first + 1]), torch.arange(first), cache)
     chains = torch.zeros(n - first, max_k, dtype=torch.long)
     probs = torch.zeros(n - first, max_k)
+    top = torch.zeros(n - first, max(TREE_WIDTHS), dtype=torch.long)
     for row, p in enumerate(range(first, n)):
         last, _ = head(head.fuse(feats[None, p : p + 1]), embed(x[None, p + 1 : p + 2]), torch.tensor([p]), cache)
         for i in range(max_k):
             q = torch.softmax(head.logits(last)[0, -1].float(), dim=-1)
             d = int(q.argmax())
             chains[row, i], probs[row, i] = int(head.to_target_ids(torch.tensor(d))), q[d]
+            if i == 0:
+                top[row] = head.to_target_ids(q.topk(top.shape[1]).indices)
             if i < max_k - 1:
                 last, _ = head(last, embed(chains[row, i].view(1, 1)), torch.tensor([p + 1 + i]), cache)
         cache.crop(p + 1)
-    return Answer(ids, len(prompt_ids), chains, probs)
+    return Answer(ids, len(prompt_ids), chains, probs, top)
 
 
 @torch.inference_mode()
@@ -195,6 +206,7 @@ def replay(answers: list[Answer], s: Setting, c: Costs, lookups: dict, recalls: 
             if h_copy is None and s.lookup_ngram:
                 copy = lookups.get((ai, L, s.lookup_ngram, s.lookup_min_ngram, s.k, s.lookup_k))
             searched = c.lookup if s.lookup_ngram else 0.0
+            tree_pass = False
             if h_copy is not None:
                 draft, cost = h_copy[: s.history_k], c.history
                 history_passes += 1
@@ -204,6 +216,9 @@ def replay(answers: list[Answer], s: Setting, c: Costs, lookups: dict, recalls: 
             elif h_chain is not None:
                 draft, cost = h_chain[: s.history_k], searched + c.history
                 history_passes += 1
+            elif s.tree:  # the head's s.tree likeliest next tokens, siblings: one call, one LM head
+                draft, tree_pass = a.top[L - a.prompt_len, : s.tree].tolist(), True
+                cost = head_draft_ms(c, 1, 1) + searched + (c.history if s.history_k else 0.0)
             else:
                 row = L - a.prompt_len
                 w = chain_length(a.probs[row], s.k, s.draft_threshold)
@@ -211,8 +226,11 @@ def replay(answers: list[Answer], s: Setting, c: Costs, lookups: dict, recalls: 
                 cost = head_draft_ms(c, w, s.k) + searched + (c.history if s.history_k else 0.0)
             truth = a.ids[L + 1 : L + 1 + len(draft)]
             acc = 0
-            while acc < len(truth) and draft[acc] == truth[acc]:
-                acc += 1
+            if tree_pass:  # siblings: at most one is right
+                acc = int(truth[0] in draft)
+            else:
+                while acc < len(truth) and draft[acc] == truth[acc]:
+                    acc += 1
             ms += cost + c.verify[len(draft) + 1]
             drafted += len(draft)
             tokens += min(acc + 1, T - L)
@@ -267,13 +285,14 @@ def exact_rows(target: Target) -> int:
 
 
 def settings_grid(max_k: int, ngram: int, min_ngram: int, history_k: int = 0,
-                  match_ngrams: tuple[int, ...] = (6,)) -> list[Setting]:
+                  match_ngrams: tuple[int, ...] = (12,)) -> list[Setting]:
     grid = []
     for k in range(1, max_k + 1):
         for th in THRESHOLDS if k > 1 else (0.0,):
-            grid.append(Setting(k, th, 0, min_ngram, 0))
-            if ngram:
-                grid += [Setting(k, th, ngram, min_ngram, lk) for lk in LOOKUP_KS if lk == 0 or lk > k]
+            for tree in (0, *TREE_WIDTHS) if k == 1 else (0,):
+                grid.append(Setting(k, th, 0, min_ngram, 0, tree=tree))
+                if ngram:
+                    grid += [Setting(k, th, ngram, min_ngram, lk, tree=tree) for lk in LOOKUP_KS if lk == 0 or lk > k]
     if history_k:  # the history beside every lookup setting, also with chains the kernels' passes take
         with_lookup = [s for s in grid if s.lookup_ngram]
         for hk in sorted({history_k, min(history_k, NARROW)}):

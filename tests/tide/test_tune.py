@@ -44,7 +44,9 @@ def test_head_draft_cost_counts_the_calls_propose_makes():
                                      Setting(3, 0.2, 3, 2, 0), Setting(2, 0.0, 3, 2, 9),
                                      Setting(2, 0.0, 3, 2, 0, history_k=6),
                                      Setting(1, 0.0, 3, 2, 7, history_k=7, history_match_ngram=4),
-                                     Setting(2, 0.0, 3, 2, 0, history_k=6, history_match_ngram=0)])
+                                     Setting(2, 0.0, 3, 2, 0, history_k=6, history_match_ngram=0),
+                                     Setting(1, 0.0, 0, 2, 0, tree=3), Setting(1, 0.0, 3, 2, 8, tree=2),
+                                     Setting(1, 0.0, 3, 2, 7, history_k=7, tree=4)])
 def test_replay_takes_the_passes_decode_takes(tiny, setting):
     """The replay's passes, lookup passes and drafted tokens are those of the real speculative
     loop under the same setting, on the same prompts: what it prices is what decode does. With a
@@ -52,7 +54,8 @@ def test_replay_takes_the_passes_decode_takes(tiny, setting):
     replay as in the loop: the second time it drafts from the first answer."""
     params = DecodeConfig(k=setting.k, max_new_tokens=40, draft_threshold=setting.draft_threshold,
                           lookup_ngram=setting.lookup_ngram, lookup_min_ngram=setting.lookup_min_ngram,
-                          lookup_k=setting.lookup_k, history_k=setting.history_k)
+                          lookup_k=setting.lookup_k, history_k=setting.history_k, tree_topk=setting.tree,
+                          tree_tokens=setting.tree or 16)
     costs = Costs(target_step=10.0, verify=[0.0] + [10.0 + w for w in range(1, 18)], draft_call=1.0,
                   draft_logits=0.1)
     passes = tokens = 0
@@ -94,6 +97,8 @@ def test_run_tune_ranks_every_setting_on_measured_costs(tiny):
     assert all(r["bit_exact"] for r in rows) and out["exact_rows"] is None
     assert len({r["overrides"] for r in rows}) == len(rows)  # each setting once
     assert {r["k"] for r in rows} == {1, 2, 3}
+    assert {r["tree"] for r in rows} == {0, 2, 3, 4} and all(r["k"] == 1 for r in rows if r["tree"])
+    assert all("decode.tree_topk=3 decode.tree_tokens=3" in r["overrides"] for r in rows if r["tree"] == 3)
     assert any(r["lookup_ngram"] for r in rows) and any(not r["lookup_ngram"] for r in rows)
     c = out["costs_ms"]
     assert len(c["verify"]) == 18 and all(v > 0 for v in c["verify"][1:]) and c["target_step"] > 0
@@ -143,3 +148,4 @@ def test_best_is_the_fastest_setting_whose_passes_stay_bit_exact(tiny, monkeypat
     assert rows[out["best"]]["predicted_speedup"] == fastest_exact["predicted_speedup"]
     assert out["best_any"] == out["settings"][0]["overrides"]
     assert Setting(1, 0.0, 3, 2, 7).widest_pass() == 8 and Setting(3, 0.0, 3, 2, 0, history_k=9).widest_pass() == 10
+    assert Setting(1, 0.0, 0, 2, 0, tree=4).widest_pass() == 5
