@@ -111,7 +111,7 @@ class AnswerHistory:
         # n-grams end at, where the same hash ended before (-1: nowhere). A hash collision is
         # caught by comparing the tokens; a chain ends at an answer forgotten since.
         self._last: dict[int, int] = {}
-        # (context + answer, where the answer starts, prev for ends first' .. len - 1)
+        # (context + answer, where the answer starts, prev: one entry per end max(first, n)..len-1)
         self._answers: deque[tuple[list[int], int, array]] = deque()
         self._first_serial = 0  # serial number of self._answers[0]
         self.tokens = 0  # answer tokens held
