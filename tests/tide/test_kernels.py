@@ -11,6 +11,8 @@ import tide.kernels as kernels
 from tide.models import SkinnyLinear, use_skinny_matmul
 
 needs_kernel = pytest.mark.skipif(not kernels.can_run(), reason="the kernel needs an x86 CPU with AVX2")
+needs_dp = pytest.mark.skipif(not (kernels.can_run() and "avx512_bf16" in kernels.cpu_flags()),
+                              reason="the vdpbf16ps path needs a CPU with AVX512-BF16")
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +57,44 @@ def test_bf16_outputs_keep_nan_and_inf(ext):
 
 
 @needs_kernel
-def test_a_row_gets_the_same_bits_whatever_the_number_of_rows(ext):
-    # single steps and verify passes then round alike: both paths sum each row in the same order
-    torch.manual_seed(0)
-    x = torch.randn(70, 576).bfloat16()
-    w = torch.randn(300, 576).bfloat16()
-    alone = torch.cat([ext.bf16_linear(x[i:i + 1].contiguous(), w) for i in range(70)])
-    for m in (2, 4, 5, 17, 20, 21, 64, 70):
-        assert torch.equal(ext.bf16_linear(x[:m].contiguous(), w), alone[:m]), m
+@pytest.mark.parametrize("n,k", [(300, 576), (301, 40), (7, 1536)])
+@pytest.mark.parametrize("path", ["bf16_linear", pytest.param("bf16_linear_dp", marks=needs_dp)])
+def test_a_row_gets_the_same_bits_whatever_the_number_of_rows(ext, path, n, k):
+    # single steps and verify passes then round alike: each path sums every row in one order
+    fn = getattr(ext, path)
+    torch.manual_seed(n)
+    x = torch.randn(140, k).bfloat16()
+    w = torch.randn(n, k).bfloat16()
+    alone = torch.cat([fn(x[i:i + 1].contiguous(), w) for i in range(140)])
+    for m in (2, 4, 5, 6, 7, 12, 17, 20, 21, 33, 64, 65, 70, 140):
+        assert torch.equal(fn(x[:m].contiguous(), w), alone[:m]), m
+
+
+@needs_kernel
+def test_dp_path_refuses_what_it_cannot_take(ext):
+    w = torch.randn(16, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="needs bf16 inputs and a CPU with AVX512-BF16"):
+        ext.bf16_linear_dp(torch.randn(2, 64), w)  # fp32 inputs: the AVX2 path's job
+    if not ext.dp_bf16():
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
+            ext.bf16_linear_dp(torch.randn(2, 64).bfloat16(), w)
+
+
+@needs_dp
+@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 17, 64, 65, 130])
+@pytest.mark.parametrize("n,k", [(1, 8), (3, 16), (4, 576), (5, 24), (13, 1536), (64, 40)])
+def test_dp_path_gives_the_product_rounded_to_bf16(ext, m, n, k):
+    """AVX512-BF16 CPUs: bf16 inputs are multiplied with vdpbf16ps (pairs summed into fp32
+    lanes), K in steps of 32 with masked tails; each output within a bf16 rounding of the exact
+    product."""
+    assert ext.dp_bf16()
+    torch.manual_seed(m * 1000 + n)
+    x = torch.randn(m, k).bfloat16()
+    w = torch.randn(n, k).bfloat16()
+    got = ext.bf16_linear_dp(x, w)
+    want = x.double() @ w.double().t()
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    torch.testing.assert_close(got.double(), want, atol=1e-4 * k ** 0.5, rtol=2 ** -8)
 
 
 @needs_kernel

@@ -7,6 +7,8 @@ single-token steps and speculation in bf16 cannot pay (measured: 0.79x on a 2-co
 (`bf16_linear`), and computes attention one query row at a time from the keys it sees
 (`bf16_attention`). Both give a row the same bits whatever else is in the pass, which torch's
 bf16 kernels do not: with them bf16 speculation emits exactly the bf16 target's tokens.
+On CPUs with AVX512-BF16 it also has `bf16_linear_dp` (vdpbf16ps, the same row stability); the
+model does not use it yet (README, Known limits).
 
 `model.bf16_kernel` chooses where it runs: `auto` where torch has no fast bf16 path (AVX2
 without bf16 units), and for passes of up to NARROW_ROWS rows on AVX512-BF16 CPUs without AMX
