@@ -89,23 +89,6 @@ inline void tile(const float* x, int64_t K, const W* w, float* out, int64_t ldo)
     for (int r = 0; r < R; ++r) out[c * ldo + r] = hsum(acc[c][r]);
 }
 
-// R weight rows against all M input rows, C at a time, then the rest: the first tile pulls the
-// weight rows into L1, the others find them there.
-template <int R, int C, typename W>
-inline void rows_block(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t N) {
-  int64_t m = 0;
-  for (; m + C <= M; m += C) tile<R, C>(x + m * K, K, w, out + m * N, N);
-  switch (M - m) {
-    case 3: tile<R, 3>(x + m * K, K, w, out + m * N, N); break;
-    case 2: tile<R, 2>(x + m * K, K, w, out + m * N, N); break;
-    case 1: tile<R, 1>(x + m * K, K, w, out + m * N, N); break;
-    default: break;
-  }
-}
-
-constexpr int64_t kDirectRows = 12;  // weight rows per parallel block: whole tiles
-constexpr int kR = 2;  // weight rows per tile: measured best for 1-4 input rows (of 1, 2, 3/4, 6/4/3/2)
-
 // a tile of c input rows (1..C) against R weight rows
 template <int R, int C, typename W>
 inline void tile_n(int64_t c, const float* x, int64_t K, const W* w, float* out, int64_t ldo) {
@@ -114,6 +97,18 @@ inline void tile_n(int64_t c, const float* x, int64_t K, const W* w, float* out,
     return tile_n<R, C - 1>(c, x, K, w, out, ldo);
   }
 }
+
+// R weight rows against all M input rows, C at a time, then the rest: the first tile pulls the
+// weight rows into L1, the others find them there.
+template <int R, int C, typename W>
+inline void rows_block(const float* x, int64_t M, int64_t K, const W* w, float* out, int64_t N) {
+  int64_t m = 0;
+  for (; m + C <= M; m += C) tile<R, C>(x + m * K, K, w, out + m * N, N);
+  tile_n<R, C - 1>(M - m, x + m * K, K, w, out + m * N, N);
+}
+
+constexpr int64_t kDirectRows = 12;  // weight rows per parallel block: whole tiles
+constexpr int kR = 2;  // weight rows per tile: measured best for 1-4 input rows (of 1, 2, 3/4, 6/4/3/2)
 
 // R weight rows against all M input rows in ceil(M / C) tiles as even as can be (4 + 4, not
 // 6 + 2: a tile of few rows has too few accumulators to hide the FMA latency)
