@@ -172,8 +172,9 @@ class SkinnyLinear(nn.Linear):
     tokens costs what a single step costs (1.0-1.07 steps; 1.1-1.35 with the previous kernel, 2-4
     with torch's), 17 tokens ~2.2 steps; a single step runs ~10% faster than with torch's own bf16
     gemv, so one-row products take the kernel too (the target alone gains as much as speculation).
-    On AVX512-BF16 CPUs without AMX, passes of up to `bf16_rows` rows (tide.kernels.kernel_rows)
-    take the kernel and wider ones torch's bf16 units.
+    On CPUs with AVX512-BF16 the kernel's products run on vdpbf16ps (`bf16_dp`); without AMX
+    there passes of up to `bf16_rows` rows (tide.kernels.kernel_rows) take it and wider ones (long
+    prefills) torch's bf16 units.
 
     fp32 single rows, autograd and shapes the fast paths do not cover keep the stock path.
     """
@@ -181,6 +182,7 @@ class SkinnyLinear(nn.Linear):
     max_rows = 128
     bf16_ext = None  # per module, set by use_skinny_matmul where tide.kernels is wanted and built
     bf16_rows = ALL_ROWS  # per module: the kernel takes passes of up to this many rows (kernel_rows)
+    bf16_dp = False  # per module: bf16 inputs take the vdpbf16ps path (tide.kernels.dp_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -193,7 +195,9 @@ class SkinnyLinear(nn.Linear):
               and self.in_features % 8 == 0 and rows <= self.bf16_rows):
             if x2.dtype not in (torch.float32, torch.bfloat16):
                 x2 = x2.float()
-            y = self.bf16_ext.bf16_linear(x2.contiguous(), self.weight).to(x.dtype)  # (rows, out)
+            linear = self.bf16_ext.bf16_linear_dp if self.bf16_dp and x2.dtype == torch.bfloat16 \
+                else self.bf16_ext.bf16_linear
+            y = linear(x2.contiguous(), self.weight).to(x.dtype)  # (rows, out)
         else:
             return F.linear(x, self.weight, self.bias)
         if self.bias is not None:
@@ -205,17 +209,19 @@ def use_skinny_matmul(model: nn.Module, bf16_kernel: str = "auto") -> nn.Module:
     """Make every plain nn.Linear a SkinnyLinear in place: same parameters, ties and keys; bf16
     ones take `tide.kernels` where `bf16_kernel` (`model.bf16_kernel`) wants it."""
     linears = [m for m in model.modules() if type(m) is nn.Linear]
-    ext, rows = None, 0
+    ext, rows, dp = None, 0, False
     if any(m.weight.dtype == torch.bfloat16 for m in linears):
         from tide import kernels
 
         ext, rows = kernels.bf16_kernel(bf16_kernel), kernels.kernel_rows(bf16_kernel)
+        dp = ext is not None and kernels.dp_path() and ext.dp_bf16()
     for module in linears:
         if module.weight.dtype == torch.bfloat16 and not module.weight.is_contiguous():
             continue  # the kernel reads the weight in place
         module.__class__ = SkinnyLinear
         module.bf16_ext = ext
         module.bf16_rows = rows
+        module.bf16_dp = dp
     return model
 
 

@@ -46,7 +46,7 @@ from transformers import DynamicCache
 
 from tide.config import DecodeConfig
 from tide.draft_head import DraftCache, DraftHead
-from tide.kernels import ALL_ROWS, NARROW_ROWS, kernel_rows
+from tide.kernels import ALL_ROWS, kernel_rows
 from tide.lookup import AnswerHistory, lookup_draft
 from tide.models import Target
 from tide.speculative import target_forward, target_generate
@@ -55,7 +55,7 @@ from tide.tree import keep_cache_rows
 log = logging.getLogger(__name__)
 
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5)
-NARROW = NARROW_ROWS - 1  # the longest copy or chain whose passes the kernels take on AVX512-BF16 CPUs
+NARROW = 7  # copies and chains of up to 7 tokens: passes of at most 8 rows (about one step on most CPUs)
 LOOKUP_KS = (0, NARROW, 8, 12, 16)  # 0: copies of k tokens
 TREE_WIDTHS = (2, 3, 4)  # one-level trees: the head's top-t next tokens in one pass
 MATCH_NGRAMS = (0, 4, 6, 8, 12, 16)  # the history's copies: how many of the text's last tokens must match; 0 = none

@@ -1,4 +1,4 @@
-"""The AVX2 bf16 kernel: same products as fp32 arithmetic on the bf16 weights, any shape."""
+"""tide.kernels: same products as fp32 arithmetic on the bf16 weights (AVX2 and vdpbf16ps paths), any shape."""
 
 import logging
 
@@ -124,6 +124,25 @@ def test_skinny_linear_bf16_agrees_with_stock_to_bf16_rounding(ext, rows):
     # both round an fp32 sum to bf16 (8 bits): each within a bf16 step of the exact product
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=2 ** -7)
     torch.testing.assert_close(stock.float(), want, atol=0.05, rtol=2 ** -7)
+
+
+@needs_kernel
+def test_skinny_linear_takes_the_dp_path_where_the_cpu_has_avx512_bf16(ext, monkeypatch):
+    """bf16 inputs take bf16_linear_dp on AVX512-BF16 CPUs (a pass of 17 rows gives each row
+    its one-row bits), fp32 inputs the AVX2 path; elsewhere every input takes the AVX2 path."""
+    torch.manual_seed(0)
+    x = torch.randn(17, 576).bfloat16()
+    fast = use_skinny_matmul(nn.Sequential(nn.Linear(576, 300, bias=False).bfloat16()), "always")[0]
+    fast.requires_grad_(False)
+    assert fast.bf16_dp == kernels.dp_path()
+    got = fast(x)
+    want = (ext.bf16_linear_dp if fast.bf16_dp else ext.bf16_linear)(x, fast.weight)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    rows = torch.cat([fast(x[i:i + 1]) for i in range(17)])
+    assert torch.equal(rows.view(torch.int16), got.view(torch.int16))
+    assert torch.equal(fast(x.float()), ext.bf16_linear(x.float(), fast.weight))
+    monkeypatch.setattr(kernels, "dp_path", lambda: False)
+    assert not use_skinny_matmul(nn.Sequential(nn.Linear(16, 8).bfloat16()), "always")[0].bf16_dp
 
 
 @needs_kernel
@@ -303,10 +322,10 @@ def test_a_bf16_draft_head_attends_on_the_kernel_like_on_sdpa(ext):
 
 
 def test_auto_gives_the_kernel_narrow_passes_on_bf16_unit_cpus_without_amx(monkeypatch):
-    """auto: every pass on AVX2 CPUs without bf16 units, passes of up to NARROW_ROWS rows with
+    """auto: every pass on AVX2 CPUs without bf16 units, passes of up to DP_ROWS rows with
     AVX512-BF16 and no AMX, none with AMX (not measured); always: every pass; never: none."""
     monkeypatch.setattr(kernels, "can_run", lambda: True)
-    cases = [(True, set(), kernels.ALL_ROWS), (False, {"avx512_bf16"}, kernels.NARROW_ROWS),
+    cases = [(True, set(), kernels.ALL_ROWS), (False, {"avx512_bf16"}, kernels.DP_ROWS),
              (False, {"avx512_bf16", "amx_bf16"}, 0), (False, set(), 0)]
     for slow_bf16, flags, rows in cases:
         monkeypatch.setattr(kernels, "needs_bf16_kernel", lambda s=slow_bf16: s)
@@ -334,6 +353,10 @@ def test_passes_wider_than_the_kernels_rows_take_torchs_path(ext, monkeypatch):
         def bf16_linear(self, x, w):
             calls.append(x.shape[0])
             return ext.bf16_linear(x, w)
+
+        def bf16_linear_dp(self, x, w):
+            calls.append(x.shape[0])
+            return ext.bf16_linear_dp(x, w)
 
         def bf16_attention(self, q, *args):
             calls.append(q.shape[2])

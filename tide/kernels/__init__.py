@@ -7,13 +7,14 @@ single-token steps and speculation in bf16 cannot pay (measured: 0.79x on a 2-co
 (`bf16_linear`), and computes attention one query row at a time from the keys it sees
 (`bf16_attention`). Both give a row the same bits whatever else is in the pass, which torch's
 bf16 kernels do not: with them bf16 speculation emits exactly the bf16 target's tokens.
-On CPUs with AVX512-BF16 it also has `bf16_linear_dp` (vdpbf16ps, the same row stability); the
-model does not use it yet (README, Known limits).
+On CPUs with AVX512-BF16 the products take `bf16_linear_dp` instead (vdpbf16ps: 32 bf16
+products per instruction, the same row stability, other bits than the AVX2 path's, so a process
+uses one of the two for all its products).
 
-`model.bf16_kernel` chooses where it runs: `auto` where torch has no fast bf16 path (AVX2
-without bf16 units), and for passes of up to NARROW_ROWS rows on AVX512-BF16 CPUs without AMX
-(there torch's path is slow for few rows and fast for many); `always` every pass on any AVX2 CPU
-(exact bf16 whatever the pass width); `never`. It is built on first use with torch's extension
+`model.bf16_kernel` chooses where it runs: `auto` every pass where torch has no fast bf16 path
+(AVX2 without bf16 units), passes of up to DP_ROWS rows on AVX512-BF16 CPUs without AMX (there
+torch's path is slower up to ~128 rows and faster for wide prefills); `always` every pass on any
+AVX2 CPU (exact bf16 whatever the pass width); `never`. It is built on first use with torch's extension
 builder (gcc and ninja; ~30 s, cached under ~/.cache/torch_extensions); where it cannot be built,
 the stock path runs.
 """
@@ -50,13 +51,14 @@ def needs_bf16_kernel() -> bool:
 
 
 ALL_ROWS = 1 << 30
-# On CPUs with AVX512-BF16 but no AMX (AMD Zen 4/5, Intel Cooper Lake), torch's bf16 products of a
-# few rows run well below the memory bandwidth: on a 2-core Zen 5 EPYC (the real model, 200
-# tokens of context, median of 5) a step of 1 / 2 / 4 / 8 tokens took 22.9 / 20.6 / 21.2 / 23.3
-# ms with torch's path and 14.4 / 13.7 / 14.9 / 21.2 with the kernel, but 17 tokens 27.6 against
-# 43.9, 48 rows 29.0 against 73.1 and a 200-token prefill 101 against 329 ms: there the bf16 units
-# win. So `auto` gives the kernel the passes of up to this many rows there.
-NARROW_ROWS = 8
+# On CPUs with AVX512-BF16 but no AMX (AMD Zen 4/5, Intel Cooper Lake), torch's bf16 products of
+# a few rows run well below the memory bandwidth, and the vdpbf16ps path beats them up to ~128
+# rows: on a 2-core Zen 5 EPYC the model's 211 products (interleaved, median of 8) took 7.5 / 8.4 /
+# 10.1 / 15.0 / 22.1 / 54.4 ms for passes of 1 / 8 / 17 / 32 / 48 / 128 rows on it and 13.7 / 15.3
+# / 17.9 / 22.2 / 27.7 / 60.4 with torch's, but 200 rows 108.6 against 82.8. So `auto` gives the
+# kernel the passes of up to this many rows there (every verify pass and tree; wide prefills go to
+# torch's bf16 units, the same way for speculation and the target alone).
+DP_ROWS = 128
 
 
 @functools.cache
@@ -74,17 +76,23 @@ def narrow_pays() -> bool:
     return can_run() and "avx512_bf16" in flags and "amx_bf16" not in flags
 
 
+def dp_path() -> bool:
+    """Whether the kernel's products take the vdpbf16ps path (`bf16_linear_dp`): CPUs with
+    AVX512-BF16. Its bits differ from the AVX2 path's, so all of a process's products take one."""
+    return can_run() and "avx512_bf16" in cpu_flags()
+
+
 def kernel_rows(mode: str = "auto") -> int:
     """`model.bf16_kernel`: how many rows a pass may have for the kernel to take it (0: none).
     always: every pass on any AVX2 CPU; auto: every pass where torch's bf16 is slow (AVX2 without
-    bf16 units), passes of up to NARROW_ROWS rows on AVX512-BF16 CPUs without AMX, none
-    elsewhere; never: none."""
+    bf16 units), passes of up to DP_ROWS rows on AVX512-BF16 CPUs without AMX, none elsewhere;
+    never: none."""
     if mode not in ("auto", "always", "never"):
         raise ValueError(f"bf16_kernel mode must be auto, always or never, not {mode!r}")
     if mode == "always":
         return ALL_ROWS if can_run() else 0
     if mode == "auto":
-        return ALL_ROWS if needs_bf16_kernel() else NARROW_ROWS if narrow_pays() else 0
+        return ALL_ROWS if needs_bf16_kernel() else DP_ROWS if narrow_pays() else 0
     return 0
 
 
@@ -108,8 +116,8 @@ def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def bf16_kernel(mode: str = "auto"):
-    """The compiled extension (`bf16_linear`, `bf16_attention`) where `mode` wants it and it
-    builds, else None."""
+    """The compiled extension (`bf16_linear`, `bf16_linear_dp`, `bf16_attention`) where `mode`
+    wants it and it builds, else None."""
     global _ext, _tried
     if not wanted(mode):
         return None
@@ -123,7 +131,7 @@ def bf16_kernel(mode: str = "auto"):
 
             # the venv's ninja is not on PATH unless the venv is activated
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-            log.info("loading tide's AVX2 bf16 kernel (built on first use: ~30-60 s)")
+            log.info("loading tide's bf16 kernels (built on first use: ~30-60 s)")
             _ext = load(name="tide_bf16_gemm", sources=[str(Path(__file__).with_name("bf16_gemm.cpp"))],
                         extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],  # OpenMP: torch's threads
                         extra_ldflags=["-fopenmp"], verbose=False)

@@ -202,25 +202,36 @@ inline __m128 dp_sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 // out[c, r] = dot(x[c, :], w[r, :]) for R weight rows and C input rows (all bf16, K contiguous).
 template <int R, int C>
 inline void dp_tile(const uint16_t* x, int64_t K, const uint16_t* w, float* out, int64_t ldo, bool prefetch) {
+  // the loops over r and c unrolled early so the accumulators live in registers (without the
+  // pragmas GCC kept a copy of them on the stack and stored all of them every step)
   __m512 acc[C][R];
+#pragma GCC unroll 8
   for (int c = 0; c < C; ++c)
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[c][r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    const int64_t left = K - k;
+  auto step = [&](int64_t k, int64_t left) __attribute__((always_inline)) {
     __m512bh wv[R];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + kPrefetch), _MM_HINT_T0);
       wv[r] = dp_load(w + r * K + k, left);
     }
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       const __m512bh xv = dp_load(x + c * K + k, left);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[c][r] = _mm512_dpbf16_ps(acc[c][r], xv, wv[r]);
     }
-  }
+  };
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) step(k, 32);
+  if (k < K) step(k, K - k);  // the masked tail: the same order as a full step
+#pragma GCC unroll 8
   for (int c = 0; c < C; ++c) {
     if constexpr (R == 4) {
       _mm_storeu_ps(out + c * ldo, dp_sum4(acc[c][0], acc[c][1], acc[c][2], acc[c][3]));
     } else {
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) out[c * ldo + r] = _mm512_reduce_add_ps(acc[c][r]);
     }
   }
@@ -238,10 +249,10 @@ inline void dp_tile_n(int64_t c, const uint16_t* x, int64_t K, const uint16_t* w
 
 template <int R>
 inline void dp_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, float* out, int64_t N) {
-  const bool prefetch = M <= kDpC;  // one sweep: the weights stream from memory
+  // the first tile streams the weights from memory (prefetched ahead); the rest find them in L1
   int64_t m = 0;
-  for (; m + kDpC <= M; m += kDpC) dp_tile<R, kDpC>(x + m * K, K, w, out + m * N, N, prefetch);
-  dp_tile_n<R, kDpC - 1>(M - m, x + m * K, K, w, out + m * N, N, prefetch);
+  for (; m + kDpC <= M; m += kDpC) dp_tile<R, kDpC>(x + m * K, K, w, out + m * N, N, m == 0);
+  dp_tile_n<R, kDpC - 1>(M - m, x + m * K, K, w, out + m * N, N, m == 0);
 }
 
 void dp_linear(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, float* out, int64_t N) {
