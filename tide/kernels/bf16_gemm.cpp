@@ -184,6 +184,7 @@ constexpr int kDpR = 4;        // weight rows per tile
 constexpr int kDpC = 6;        // input rows per tile: 24 accumulators + 4 weight vectors + 1 input
 constexpr int64_t kDpBlock = 32;  // weight rows per parallel task
 constexpr int64_t kDpChunk = 64;  // input rows per sweep over the weights: they stay in L2
+constexpr int64_t kDpAheadMax = 3 * kPrefetch;
 
 inline __m512bh dp_load(const uint16_t* p, int64_t left) {
   if (left >= 32) return (__m512bh)_mm512_loadu_si512(p);
@@ -201,7 +202,7 @@ inline __m128 dp_sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 
 // out[c, r] = dot(x[c, :], w[r, :]) for R weight rows and C input rows (all bf16, K contiguous).
 template <int R, int C>
-inline void dp_tile(const uint16_t* x, int64_t K, const uint16_t* w, float* out, int64_t ldo, bool prefetch) {
+inline void dp_tile(const uint16_t* x, int64_t K, const uint16_t* w, float* out, int64_t ldo, int64_t ahead) {
   // the loops over r and c unrolled early so the accumulators live in registers (without the
   // pragmas GCC kept a copy of them on the stack and stored all of them every step)
   __m512 acc[C][R];
@@ -213,7 +214,7 @@ inline void dp_tile(const uint16_t* x, int64_t K, const uint16_t* w, float* out,
     __m512bh wv[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + kPrefetch), _MM_HINT_T0);
+      if (ahead) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + ahead), _MM_HINT_T0);
       wv[r] = dp_load(w + r * K + k, left);
     }
 #pragma GCC unroll 8
@@ -240,19 +241,20 @@ inline void dp_tile(const uint16_t* x, int64_t K, const uint16_t* w, float* out,
 // a tile of c input rows (0..C)
 template <int R, int C>
 inline void dp_tile_n(int64_t c, const uint16_t* x, int64_t K, const uint16_t* w, float* out, int64_t ldo,
-                      bool prefetch) {
+                      int64_t ahead) {
   if constexpr (C > 0) {
-    if (c == C) return dp_tile<R, C>(x, K, w, out, ldo, prefetch);
-    return dp_tile_n<R, C - 1>(c, x, K, w, out, ldo, prefetch);
+    if (c == C) return dp_tile<R, C>(x, K, w, out, ldo, ahead);
+    return dp_tile_n<R, C - 1>(c, x, K, w, out, ldo, ahead);
   }
 }
 
 template <int R>
 inline void dp_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, float* out, int64_t N) {
-  // the first tile streams the weights from memory (prefetched ahead); the rest find them in L1
-  int64_t m = 0;
-  for (; m + kDpC <= M; m += kDpC) dp_tile<R, kDpC>(x + m * K, K, w, out + m * N, N, m == 0);
-  dp_tile_n<R, kDpC - 1>(M - m, x + m * K, K, w, out + m * N, N, m == 0);
+  // the first tile streams the weights from memory, the rest find them in L1; every tile
+  // prefetches further ahead than the one before, so memory keeps streaming while they compute
+  int64_t m = 0, ahead = kPrefetch;
+  for (; m + kDpC <= M; m += kDpC, ahead = std::min(ahead + kPrefetch, kDpAheadMax)) dp_tile<R, kDpC>(x + m * K, K, w, out + m * N, N, ahead);
+  dp_tile_n<R, kDpC - 1>(M - m, x + m * K, K, w, out + m * N, N, ahead);
 }
 
 void dp_linear(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, float* out, int64_t N) {
