@@ -53,11 +53,11 @@ def needs_bf16_kernel() -> bool:
 ALL_ROWS = 1 << 30
 # On CPUs with AVX512-BF16 but no AMX (AMD Zen 4/5, Intel Cooper Lake), torch's bf16 products of
 # a few rows run well below the memory bandwidth, and the vdpbf16ps path beats them up to ~128
-# rows: on a 2-core Zen 5 EPYC the model's 211 products (interleaved, median of 8) took 7.5 / 8.4 /
-# 10.1 / 15.0 / 22.1 / 54.4 ms for passes of 1 / 8 / 17 / 32 / 48 / 128 rows on it and 13.7 / 15.3
-# / 17.9 / 22.2 / 27.7 / 60.4 with torch's, but 200 rows 108.6 against 82.8. So `auto` gives the
-# kernel the passes of up to this many rows there (every verify pass and tree; wide prefills go to
-# torch's bf16 units, the same way for speculation and the target alone).
+# rows: on a 2-core Zen 5 EPYC the model's 211 products (interleaved, median of 6) took 6.7 / 7.3
+# / 8.0 / 12.0 / 22.9 / 44.9 ms for passes of 1 / 8 / 17 / 32 / 64 / 128 rows on it and 12.9 /
+# 14.2 / 16.7 / 22.0 / 30.8 / 47.7 with torch's, but 200 rows 79.4 against 69.0. So `auto` gives
+# the kernel the passes of up to this many rows there (every verify pass and tree; long prefills
+# go to torch's bf16 units, the same way for speculation and the target alone).
 DP_ROWS = 128
 
 

@@ -1,4 +1,4 @@
-// y = x @ w^T for bf16 weights on CPUs with AVX2+FMA but no bf16 units (no AVX512-BF16/AMX),
+// y = x @ w^T for bf16 weights on CPUs with AVX2+FMA (a vdpbf16ps path where there is AVX512-BF16),
 // and bf16 attention whose query rows do not depend on the pass (bf16_attention, at the end).
 //
 // There, torch's bf16 matmul converts and multiplies one input row at a time: k rows cost k
@@ -175,8 +175,9 @@ void buffered(const float* xp, int64_t M, int64_t K, const uint16_t* wp, float* 
 // for its place in a block of 4 weight rows), whatever the number of input rows: a row gets the
 // same bits in a single step, a verify pass of any width, a tree or a prefill. The sums differ
 // from the AVX2 path's (pairs are added before they reach the accumulator; denormals flush), so
-// a process must use one path for all its products. Exported as bf16_linear_dp; not yet wired
-// into SkinnyLinear (its speed against torch's bf16 path there is not measured yet).
+// a process must use one path for all its products: SkinnyLinear takes this one for bf16 inputs on
+// every CPU that has it (tide.kernels.dp_path). 2-core Zen 5 EPYC, the model's 211 products: 1 row
+// 6.7 ms, 17 rows 8.0, 32 rows 12.0 (torch's bf16 path: 12.9, 16.7, 22.0).
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 
