@@ -33,10 +33,10 @@ class ModelConfig:
     # tide.kernels (built once); see tide.models.SkinnyLinear
     skinny_matmul: bool = True
     # tide.kernels' bf16 products and attention (needs AVX2+FMA and skinny_matmul). auto: every
-    # pass on CPUs without bf16 units, where torch's bf16 is slow, and passes of up to 8 rows on
-    # AVX512-BF16 CPUs without AMX (decode steps and narrow verifies: faster there, and exact);
-    # always: every pass on any AVX2 CPU, for bf16 speculation bit-identical to the bf16 target
-    # alone at any width (wide passes slower than AVX512-BF16/AMX); never: torch's bf16 path
+    # pass on CPUs without bf16 units, where torch's bf16 is slow, and passes of up to 128 rows on
+    # AVX512-BF16 CPUs without AMX (on vdpbf16ps: every step, verify and tree, faster there and
+    # exact); always: every pass on any AVX2 CPU, for bf16 speculation bit-identical to the bf16
+    # target alone at any width (long prefills slower than AVX512-BF16/AMX); never: torch's bf16 path
     bf16_kernel: str = "auto"
 
 

@@ -28,8 +28,8 @@ pass as a chain's of the same width.
 
 Predicted speedup: answer tokens x one target step / the passes' cost (decode only; prefill is
 the same for both and left out). A setting is `bit_exact` when its widest pass gets single-step
-bits on this machine (fp32; bf16 on tide's kernels, which on AVX512-BF16 CPUs take passes of up
-to 8 rows): `best` is the fastest such setting, `best_any` the fastest of all. Greedy chains
+bits on this machine (fp32; bf16 on tide's kernels, which on AVX512-BF16 CPUs without AMX take
+passes of up to 128 rows): `best` is the fastest such setting, `best_any` the fastest of all. Greedy chains
 only, and trees of one level: deeper trees and sampling are not replayed. Tune on prompts the head did not train on
 (`--holdout`: the warm start's held-out prompts), then check the pick with `tide bench`.
 """
