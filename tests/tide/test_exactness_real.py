@@ -118,8 +118,8 @@ def test_bf16_on_the_kernels_is_exact_too(prompts, trained_head):
                     reason="auto gives 4-row passes to torch's bf16 on this CPU (AMX, or no AVX2)")
 def test_bf16_default_is_exact_on_narrow_passes(prompts, trained_head):
     """The default `model.bf16_kernel=auto`: the kernel takes every pass on AVX2-only CPUs and the
-    passes of up to 8 rows on AVX512-BF16 CPUs without AMX, so a chain of 3 (4-row passes) is
-    token-identical to the bf16 target alone, while prefill runs where it is fastest."""
+    passes of up to 128 rows on AVX512-BF16 CPUs without AMX, so a chain of 3 (4-row passes) is
+    token-identical to the bf16 target alone, while long prefills run where they are fastest."""
     target = load_target(ModelConfig(dtype="bfloat16"))
     head = copy.deepcopy(trained_head).to(torch.bfloat16)
     n = 4

@@ -321,7 +321,7 @@ def test_a_bf16_draft_head_attends_on_the_kernel_like_on_sdpa(ext):
             torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=0.05, rtol=0.02)
 
 
-def test_auto_gives_the_kernel_narrow_passes_on_bf16_unit_cpus_without_amx(monkeypatch):
+def test_auto_gives_the_kernel_passes_up_to_dp_rows_on_bf16_unit_cpus_without_amx(monkeypatch):
     """auto: every pass on AVX2 CPUs without bf16 units, passes of up to DP_ROWS rows with
     AVX512-BF16 and no AMX, none with AMX (not measured); always: every pass; never: none."""
     monkeypatch.setattr(kernels, "can_run", lambda: True)

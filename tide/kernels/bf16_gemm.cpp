@@ -185,7 +185,7 @@ constexpr int kDpR = 4;        // weight rows per tile
 constexpr int kDpC = 6;        // input rows per tile: 24 accumulators + 4 weight vectors + 1 input
 constexpr int64_t kDpBlock = 32;  // weight rows per parallel task
 constexpr int64_t kDpChunk = 64;  // input rows per sweep over the weights: they stay in L2
-constexpr int64_t kDpAheadMax = 3 * kPrefetch;
+constexpr int64_t kDpAheadMax = 3 * kPrefetch;  // the farthest a later tile prefetches (12 KB)
 
 inline __m512bh dp_load(const uint16_t* p, int64_t left) {
   if (left >= 32) return (__m512bh)_mm512_loadu_si512(p);
@@ -254,7 +254,8 @@ inline void dp_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, 
   // the first tile streams the weights from memory, the rest find them in L1; every tile
   // prefetches further ahead than the one before, so memory keeps streaming while they compute
   int64_t m = 0, ahead = kPrefetch;
-  for (; m + kDpC <= M; m += kDpC, ahead = std::min(ahead + kPrefetch, kDpAheadMax)) dp_tile<R, kDpC>(x + m * K, K, w, out + m * N, N, ahead);
+  for (; m + kDpC <= M; m += kDpC, ahead = std::min(ahead + kPrefetch, kDpAheadMax))
+    dp_tile<R, kDpC>(x + m * K, K, w, out + m * N, N, ahead);
   dp_tile_n<R, kDpC - 1>(M - m, x + m * K, K, w, out + m * N, N, ahead);
 }
 
