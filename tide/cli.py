@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="only the prompts the warm start held out (every 10th): unseen by the head")
     tu.add_argument("--draft", help="draft checkpoint folder (default: draft.path)")
     tu.add_argument("--max-k", type=int, default=5, help="longest chain to try")
+    tu.add_argument("--trees", default=None, metavar="D:T:N,...",
+                    help="draft trees to price beside the one-level ones: depth (decode.k):topk:tree_tokens, "
+                         "comma-separated, or 'none' (default: 2:3:4,3:4:8,4:4:12,5:4:16,6:6:24)")
     tu.add_argument("--top", type=int, default=12, help="settings to print")
     tu.add_argument("--json", help="also write every setting's figures here")
     _common(tu)
@@ -183,12 +186,28 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _tree_shapes(text: str) -> tuple[tuple[int, int, int], ...]:
+    """'2:3:4,5:4:16' -> ((2, 3, 4), (5, 4, 16)); 'none' -> ()."""
+    if text.strip().lower() == "none":
+        return ()
+    shapes = []
+    for part in text.split(","):
+        try:
+            d, t, n = (int(v) for v in part.strip().split(":"))
+        except ValueError:
+            raise ValueError(f"{part.strip()!r} is not depth:topk:tree_tokens (e.g. 5:4:16)") from None
+        if d < 1 or t < 2 or n < 1:
+            raise ValueError(f"{part.strip()!r}: depth must be >= 1, topk >= 2, tree_tokens >= 1")
+        shapes.append((d, t, n))
+    return tuple(shapes)
+
+
 def cmd_tune(args) -> int:
     from tide.checkpoint import load_draft
     from tide.lookup import history_from_config
     from tide.models import load_target
     from tide.prompts import HOLDOUT_EVERY, encode
-    from tide.tune import MATCH_NGRAMS, run_tune
+    from tide.tune import MATCH_NGRAMS, TREE_SHAPES, run_tune
 
     cfg = _cfg(args)
     path = args.draft or cfg.draft.path
@@ -197,6 +216,11 @@ def cmd_tune(args) -> int:
         return 2
     if args.max_k < 1:
         print("tide: --max-k must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        shapes = TREE_SHAPES if args.trees is None else _tree_shapes(args.trees)
+    except ValueError as e:
+        print(f"tide: --trees: {e}", file=sys.stderr)
         return 2
     prompts = [p for ps in _load_workloads(args.prompts, args.half, args.limit).values() for p in ps]
     if args.holdout:
@@ -213,7 +237,7 @@ def cmd_tune(args) -> int:
     cfg.serving.history_match_ngram = max(match_ngrams)
     history = history_from_config(cfg, skip_prompts={tuple(i) for i in ids})
     result = run_tune(target, head, ids, cfg.decode, cfg.model.max_context, args.max_k, history=history,
-                      match_ngrams=match_ngrams)
+                      match_ngrams=match_ngrams, tree_shapes=shapes)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

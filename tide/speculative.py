@@ -30,7 +30,7 @@ from tide.errors import TideError
 from tide.lookup import AnswerHistory, lookup_draft
 from tide.models import Target
 from tide.rejection import accept_greedy, accept_sampling, target_probs
-from tide.tree import DraftTree, accept_tree_greedy, keep_cache_rows, propose_tree, tree_attention_mask
+from tide.tree import DraftTree, accept_tree_greedy, keep_cache_rows, propose_tree, verify_inputs
 
 
 class ContextTooLong(TideError, ValueError):
@@ -192,9 +192,7 @@ def verify(target: Target, s: _State, draft_tokens: torch.Tensor) -> TargetOut:
 
 
 def verify_tree(target: Target, s: _State, tree: DraftTree) -> TargetOut:
-    ids = torch.cat((torch.tensor([s.next_token]), tree.tokens))[None]  # (1, N+1)
-    positions = (s.length + torch.cat((torch.zeros(1, dtype=torch.long), tree.depths)))[None]
-    mask = tree_attention_mask(tree, s.length, target.model.dtype)
+    ids, positions, mask = verify_inputs(tree, s.next_token, s.length, target.model.dtype)
     return target_forward(target, ids, s.target_cache, position_ids=positions, attention_mask=mask)
 
 

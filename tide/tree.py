@@ -115,18 +115,33 @@ def tree_attention_mask(tree: DraftTree, length: int, dtype: torch.dtype) -> tor
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
-def accept_tree_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
-    """logits: (N + 1, V) for [root, nodes]. Returns the accepted path (node indices, root's
-    child first) and the token that follows it (the target's argmax after the path)."""
-    best = logits.argmax(-1).tolist()
+def verify_inputs(tree: DraftTree, y: int, length: int, dtype: torch.dtype):
+    """The verify pass over [y, nodes] after `length` cached tokens: input ids (1, N+1), position
+    ids by depth and the tree attention mask."""
+    ids = torch.cat((torch.tensor([y]), tree.tokens))[None]
+    positions = (length + torch.cat((torch.zeros(1, dtype=torch.long), tree.depths)))[None]
+    return ids, positions, tree_attention_mask(tree, length, dtype)
+
+
+def follow(tree: DraftTree, next_token) -> list[int]:
+    """The longest path (node indices, root's child first) whose every node is the token
+    `next_token(node, depth)` says comes after its parent (node -1: the root y, depth 0)."""
     children: dict[int, dict[int, int]] = {}
     for i, (p, t) in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist())):
         children.setdefault(p, {}).setdefault(t, i)
     path, node = [], -1
-    while (nxt := children.get(node, {}).get(best[node + 1])) is not None:
+    while (nxt := children.get(node, {}).get(next_token(node, len(path)))) is not None:
         path.append(nxt)
         node = nxt
-    return path, best[node + 1]
+    return path
+
+
+def accept_tree_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+    """logits: (N + 1, V) for [root, nodes]. Returns the accepted path (node indices, root's
+    child first) and the token that follows it (the target's argmax after the path)."""
+    best = logits.argmax(-1).tolist()
+    path = follow(tree, lambda node, depth: best[node + 1])
+    return path, best[path[-1] + 1 if path else 0]
 
 
 def keep_cache_rows(cache, length: int, rows: list[int]) -> None:

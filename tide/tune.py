@@ -22,15 +22,19 @@ where lookup finds none; the history learns each answer after its replay, as a r
 a served one. Its copies are priced for every match length in MATCH_NGRAMS and the configured
 `serving.history_match_ngram` (0: chains only), each on a history of the same answers.
 
-Beside the chains, one-level trees (`decode.k=1 decode.tree_topk=t decode.tree_tokens=t`: the
-head's t likeliest next tokens checked in one pass, TREE_WIDTHS) are priced the same way, their
-pass as a chain's of the same width.
+Beside the chains, draft trees (tide.tree) are priced the same way: at every state the head
+drafts each tree shape in TREE_SHAPES (`decode.k` levels deep, `decode.tree_topk` expanded per
+level, `decode.tree_tokens` verified) exactly as decode does, and the replay accepts the path of
+the tree that the answer follows. One-level trees (`decode.k=1 decode.tree_topk=t
+decode.tree_tokens=t`: the head's t likeliest next tokens checked in one pass, TREE_WIDTHS) are
+the cheapest; deeper ones accept more per pass and cost more draft calls and a wider pass. Their
+draft is timed as it runs here, their verify pass measured with a tree mask of each width.
 
 Predicted speedup: answer tokens x one target step / the passes' cost (decode only; prefill is
 the same for both and left out). A setting is `bit_exact` when its widest pass gets single-step
 bits on this machine (fp32; bf16 on tide's kernels, which on AVX512-BF16 CPUs without AMX take
 passes of up to 128 rows): `best` is the fastest such setting, `best_any` the fastest of all. Greedy chains
-only, and trees of one level: deeper trees and sampling are not replayed. Tune on prompts the head did not train on
+only: sampling is not replayed. Tune on prompts the head did not train on
 (`--holdout`: the warm start's held-out prompts), then check the pick with `tide bench`.
 """
 
@@ -39,7 +43,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
@@ -50,7 +54,7 @@ from tide.kernels import ALL_ROWS, kernel_rows
 from tide.lookup import AnswerHistory, lookup_draft
 from tide.models import Target
 from tide.speculative import target_forward, target_generate
-from tide.tree import keep_cache_rows
+from tide.tree import DraftTree, follow, keep_cache_rows, propose_tree, verify_inputs
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,8 @@ THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5)
 NARROW = 7  # copies and chains of up to 7 tokens: passes of at most 8 rows (about one step on most CPUs)
 LOOKUP_KS = (0, NARROW, 8, 12, 16)  # 0: copies of k tokens
 TREE_WIDTHS = (2, 3, 4)  # one-level trees: the head's top-t next tokens in one pass
+# deeper trees, (depth, topk, tree_tokens): decode.k, decode.tree_topk, decode.tree_tokens
+TREE_SHAPES = ((2, 3, 4), (3, 4, 8), (4, 4, 12), (5, 4, 16), (6, 6, 24))
 MATCH_NGRAMS = (0, 4, 6, 8, 12, 16)  # the history's copies: how many of the text's last tokens must match; 0 = none
 
 
@@ -67,7 +73,8 @@ class Answer:
     prompt_len: int
     chains: torch.Tensor  # (T - prompt_len + 1, max_k) the head's chain at state L = prompt_len + row
     probs: torch.Tensor  # (T - prompt_len + 1, max_k) its probability of each token
-    top: torch.Tensor  # (T - prompt_len + 1, max(TREE_WIDTHS)) its likeliest first tokens, best first
+    trees: dict = field(default_factory=dict)  # (depth, topk, tree_tokens) -> the head's tree at each state
+    tree_ms: dict = field(default_factory=dict)  # (depth, topk, tree_tokens) -> time its drafts took here
 
 
 @dataclass
@@ -79,6 +86,8 @@ class Costs:
     draft_logits: float  # the draft's LM head and softmax for one position
     lookup: float = 0.0  # one prompt-lookup search (measured during the replay)
     history: float = 0.0  # one answer-history chain (measured during the replay)
+    tree_draft: dict = field(default_factory=dict)  # (depth, topk, tree_tokens) -> one propose_tree
+    tree_verify: dict = field(default_factory=dict)  # width -> a pass over [y, nodes] with a tree mask
 
 
 @dataclass
@@ -90,11 +99,20 @@ class Setting:
     lookup_k: int
     history_k: int = 0
     history_match_ngram: int = 12  # serving.history_match_ngram, read where history_k > 0
-    tree: int = 0  # > 1: k=1 and the head drafts a one-level tree of this many tokens
+    tree: int = 0  # > 1: the head drafts a tree, k levels deep, this many tokens expanded per level
+    tree_tokens: int = 0  # the tree's nodes verified (0: `tree`, a one-level tree when k = 1)
+
+    def __post_init__(self):
+        if self.tree and not self.tree_tokens:
+            self.tree_tokens = self.tree
+
+    def shape(self) -> tuple[int, int, int]:
+        return self.k, self.tree, self.tree_tokens
 
     def widest_pass(self) -> int:
         """Rows of the widest verify pass this setting makes: y and its longest draft."""
-        return 1 + max(self.k, self.tree, self.lookup_k if self.lookup_ngram else 0, self.history_k)
+        head = self.tree_tokens if self.tree else self.k
+        return 1 + max(head, self.lookup_k if self.lookup_ngram else 0, self.history_k)
 
     def overrides(self) -> str:
         out = f"decode.k={self.k} decode.draft_threshold={self.draft_threshold}"
@@ -102,14 +120,15 @@ class Setting:
             out += (f" decode.lookup_ngram={self.lookup_ngram} decode.lookup_min_ngram={self.lookup_min_ngram}"
                     f" decode.lookup_k={self.lookup_k}")
         out += f" decode.history_k={self.history_k} decode.tree_topk={self.tree}"
-        out += f" decode.tree_tokens={self.tree}" if self.tree else ""
+        out += f" decode.tree_tokens={self.tree_tokens}" if self.tree else ""
         return out + (f" serving.history_match_ngram={self.history_match_ngram}" if self.history_k else "")
 
 
 @torch.inference_mode()
 def answer(target: Target, head: DraftHead, prompt_ids: list[int], params: DecodeConfig, max_context: int,
-           max_k: int) -> Answer:
-    """The target's greedy answer, and the head's chain at every state of it."""
+           max_k: int, tree_shapes=()) -> Answer:
+    """The target's greedy answer, and the head's chain and its tree of each shape (depth,
+    topk, tree_tokens) at every state of it."""
     g = target_generate(target, prompt_ids, replace(params, temperature=0.0), max_context)
     ids = [*prompt_ids, *g.tokens]
     n = len(ids) - 1  # features of positions 0..n-1 (the last token is never fed)
@@ -120,24 +139,31 @@ def answer(target: Target, head: DraftHead, prompt_ids: list[int], params: Decod
         head(head.fuse(feats[None, :first]), embed(x[None, 1 : first + 1]), torch.arange(first), cache)
     chains = torch.zeros(n - first, max_k, dtype=torch.long)
     probs = torch.zeros(n - first, max_k)
-    top = torch.zeros(n - first, max(TREE_WIDTHS), dtype=torch.long)
+    trees: dict[tuple, list[DraftTree]] = {shape: [] for shape in tree_shapes}
+    tree_ms = dict.fromkeys(tree_shapes, 0.0)
     for row, p in enumerate(range(first, n)):
         last, _ = head(head.fuse(feats[None, p : p + 1]), embed(x[None, p + 1 : p + 2]), torch.tensor([p]), cache)
+        h = last
         for i in range(max_k):
-            q = torch.softmax(head.logits(last)[0, -1].float(), dim=-1)
+            q = torch.softmax(head.logits(h)[0, -1].float(), dim=-1)
             d = int(q.argmax())
             chains[row, i], probs[row, i] = int(head.to_target_ids(torch.tensor(d))), q[d]
-            if i == 0:
-                top[row] = head.to_target_ids(q.topk(top.shape[1]).indices)
             if i < max_k - 1:
-                last, _ = head(last, embed(chains[row, i].view(1, 1)), torch.tensor([p + 1 + i]), cache)
+                h, _ = head(h, embed(chains[row, i].view(1, 1)), torch.tensor([p + 1 + i]), cache)
         cache.crop(p + 1)
-    return Answer(ids, len(prompt_ids), chains, probs, top)
+        for shape in tree_shapes:  # as decode drafts it: the cache holds the p + 1 verified entries
+            t0 = time.perf_counter()
+            trees[shape].append(propose_tree(head, embed, last, cache, p + 1, *shape))
+            tree_ms[shape] += 1000 * (time.perf_counter() - t0)
+            cache.crop(p + 1)
+    return Answer(ids, len(prompt_ids), chains, probs, trees, tree_ms)
 
 
 @torch.inference_mode()
-def measure_costs(target: Target, head: DraftHead, context: list[int], max_width: int, reps: int = 7) -> Costs:
-    """Interleaved repeats (every width once per round) so machine noise hits all alike."""
+def measure_costs(target: Target, head: DraftHead, context: list[int], max_width: int, reps: int = 7,
+                  trees: dict[int, DraftTree] | None = None) -> Costs:
+    """Interleaved repeats (every width once per round) so machine noise hits all alike. trees:
+    a tree of each width to time the verify pass with its tree mask."""
     cache = DynamicCache(config=target.config)
     target_forward(target, torch.tensor([context]), cache, hidden=False)
     n = len(context)
@@ -150,6 +176,11 @@ def measure_costs(target: Target, head: DraftHead, context: list[int], max_width
 
     def step(width: int, hidden: bool):
         target_forward(target, x[None, -width:], cache, hidden=hidden)
+        keep_cache_rows(cache, n, [])
+
+    def tree_step(tree: DraftTree):
+        ids, positions, mask = verify_inputs(tree, context[-1], n, target.model.dtype)
+        target_forward(target, ids, cache, position_ids=positions, attention_mask=mask)
         keep_cache_rows(cache, n, [])
 
     draft_cache = DraftCache()
@@ -169,10 +200,13 @@ def measure_costs(target: Target, head: DraftHead, context: list[int], max_width
         samples.setdefault("step", []).append(timed(lambda: step(1, False)))
         for w in range(1, max_width + 1):
             samples.setdefault(w, []).append(timed(lambda: step(w, True)))
+        for w, tree in (trees or {}).items():
+            samples.setdefault(("tree", w), []).append(timed(lambda: tree_step(tree)))
         samples.setdefault("call", []).append(timed(draft_call))
         samples.setdefault("logits", []).append(timed(draft_logits))
     med = {key: statistics.median(v) for key, v in samples.items()}
-    return Costs(med["step"], [0.0] + [med[w] for w in range(1, max_width + 1)], med["call"], med["logits"])
+    return Costs(med["step"], [0.0] + [med[w] for w in range(1, max_width + 1)], med["call"], med["logits"],
+                 tree_verify={w: med[("tree", w)] for w in trees or {}})
 
 
 def chain_length(probs: torch.Tensor, k: int, threshold: float) -> int:
@@ -206,7 +240,7 @@ def replay(answers: list[Answer], s: Setting, c: Costs, lookups: dict, recalls: 
             if h_copy is None and s.lookup_ngram:
                 copy = lookups.get((ai, L, s.lookup_ngram, s.lookup_min_ngram, s.k, s.lookup_k))
             searched = c.lookup if s.lookup_ngram else 0.0
-            tree_pass = False
+            tree = None
             if h_copy is not None:
                 draft, cost = h_copy[: s.history_k], c.history
                 history_passes += 1
@@ -216,23 +250,25 @@ def replay(answers: list[Answer], s: Setting, c: Costs, lookups: dict, recalls: 
             elif h_chain is not None:
                 draft, cost = h_chain[: s.history_k], searched + c.history
                 history_passes += 1
-            elif s.tree:  # the head's s.tree likeliest next tokens, siblings: one call, one LM head
-                draft, tree_pass = a.top[L - a.prompt_len, : s.tree].tolist(), True
-                cost = head_draft_ms(c, 1, 1) + searched + (c.history if s.history_k else 0.0)
+            elif s.tree:  # one call feeds the verified positions, then the tree as decode drafts it
+                tree = a.trees[s.shape()][L - a.prompt_len]
+                cost = c.draft_call + c.tree_draft[s.shape()] + searched + (c.history if s.history_k else 0.0)
             else:
                 row = L - a.prompt_len
                 w = chain_length(a.probs[row], s.k, s.draft_threshold)
                 draft = a.chains[row, :w].tolist()
                 cost = head_draft_ms(c, w, s.k) + searched + (c.history if s.history_k else 0.0)
-            truth = a.ids[L + 1 : L + 1 + len(draft)]
-            acc = 0
-            if tree_pass:  # siblings: at most one is right
-                acc = int(truth[0] in draft)
+            if tree is not None:  # the path the answer follows
+                truth = a.ids[L + 1 : L + 1 + s.k]
+                acc = len(follow(tree, lambda node, depth: truth[depth] if depth < len(truth) else None))
+                ms += cost + c.tree_verify[len(tree) + 1]
+                drafted += len(tree)
             else:
+                truth, acc = a.ids[L + 1 : L + 1 + len(draft)], 0
                 while acc < len(truth) and draft[acc] == truth[acc]:
                     acc += 1
-            ms += cost + c.verify[len(draft) + 1]
-            drafted += len(draft)
+                ms += cost + c.verify[len(draft) + 1]
+                drafted += len(draft)
             tokens += min(acc + 1, T - L)
             passes += 1
             L += acc + 1
@@ -285,14 +321,17 @@ def exact_rows(target: Target) -> int:
 
 
 def settings_grid(max_k: int, ngram: int, min_ngram: int, history_k: int = 0,
-                  match_ngrams: tuple[int, ...] = (12,)) -> list[Setting]:
+                  match_ngrams: tuple[int, ...] = (12,), tree_shapes=TREE_SHAPES) -> list[Setting]:
+    """Chains of 1..max_k (with each draft threshold), one-level trees (TREE_WIDTHS) and the
+    deeper tree_shapes, each alone and beside prompt lookup (and the history's drafts)."""
+    heads = [(k, th, 0, 0) for k in range(1, max_k + 1) for th in (THRESHOLDS if k > 1 else (0.0,))]
+    heads += [(1, 0.0, t, t) for t in TREE_WIDTHS] + [(d, 0.0, t, n) for d, t, n in tree_shapes]
     grid = []
-    for k in range(1, max_k + 1):
-        for th in THRESHOLDS if k > 1 else (0.0,):
-            for tree in (0, *TREE_WIDTHS) if k == 1 else (0,):
-                grid.append(Setting(k, th, 0, min_ngram, 0, tree=tree))
-                if ngram:
-                    grid += [Setting(k, th, ngram, min_ngram, lk, tree=tree) for lk in LOOKUP_KS if lk == 0 or lk > k]
+    for k, th, tree, nodes in heads:
+        grid.append(Setting(k, th, 0, min_ngram, 0, tree=tree, tree_tokens=nodes))
+        if ngram:
+            grid += [Setting(k, th, ngram, min_ngram, lk, tree=tree, tree_tokens=nodes)
+                     for lk in LOOKUP_KS if lk == 0 or lk > k]
     if history_k:  # the history beside every lookup setting, also with chains the kernels' passes take
         with_lookup = [s for s in grid if s.lookup_ngram]
         for hk in sorted({history_k, min(history_k, NARROW)}):
@@ -302,31 +341,38 @@ def settings_grid(max_k: int, ngram: int, min_ngram: int, history_k: int = 0,
 
 def run_tune(target: Target, head: DraftHead, prompts: list[list[int]], params: DecodeConfig,
              max_context: int, max_k: int, lookup_ngram: int = 3, lookup_min_ngram: int = 2,
-             history: AnswerHistory | None = None, match_ngrams: tuple[int, ...] | None = None) -> dict:
+             history: AnswerHistory | None = None, match_ngrams: tuple[int, ...] | None = None,
+             tree_shapes=TREE_SHAPES) -> dict:
     """prompts: token ids; answers run to params.max_new_tokens. With a history (and
     params.history_k > 0), the lookup settings are also priced with its chains. Returns the
     measured costs and every setting's predicted figures, best first. The history's copies are
     priced for each of match_ngrams (default: MATCH_NGRAMS and the history's own), on
     history.rebuilt(n): build the seed with the largest, so that each keeps the prompt tokens
-    a history built with it would."""
+    a history built with it would. tree_shapes: the (depth, topk, tree_tokens) trees priced
+    beside the one-level trees."""
     answers = []
+    shapes = sorted({(1, t, t) for t in TREE_WIDTHS} | set(tree_shapes))
     t0 = time.perf_counter()
     for i, ids in enumerate(prompts):
-        answers.append(answer(target, head, ids, params, max_context, max_k))
-        log.info("[%d/%d] answered and replayed the head's chains (%.0f s)", i + 1, len(prompts),
+        answers.append(answer(target, head, ids, params, max_context, max_k, shapes))
+        log.info("[%d/%d] answered and replayed the head's chains and trees (%.0f s)", i + 1, len(prompts),
                  time.perf_counter() - t0)
     history_k = params.history_k if history is not None else 0
     if history_k:
         match_ngrams = tuple(sorted(set(match_ngrams or (*MATCH_NGRAMS, history.match_ngram))))
-    grid = settings_grid(max_k, lookup_ngram, lookup_min_ngram, history_k, match_ngrams or ())
+    grid = settings_grid(max_k, lookup_ngram, lookup_min_ngram, history_k, match_ngrams or (), tree_shapes)
     lookups, lookup_ms = lookup_table(answers, grid)
     recalls, history_ms = {}, {}  # by match_ngram
     for n in match_ngrams if history_k else ():
         recalls[n], history_ms[n] = history_table(answers, history.rebuilt(n), history_k)
     widest = max(max_k, *LOOKUP_KS) + 1
     context = max(answers, key=lambda a: len(a.ids)).ids
-    log.info("measuring verify passes of 1..%d tokens on a %d-token context", widest, len(context))
-    costs = measure_costs(target, head, context, widest)
+    sample_trees = {len(t) + 1: t for a in answers for trees in a.trees.values() for t in trees}
+    log.info("measuring verify passes of 1..%d tokens and tree passes of %s on a %d-token context", widest,
+             "/".join(map(str, sorted(sample_trees))), len(context))
+    costs = measure_costs(target, head, context, widest, trees=sample_trees)
+    drafts = sum(len(a.ids) - a.prompt_len for a in answers)  # states: one tree of each shape at each
+    costs.tree_draft = {shape: sum(a.tree_ms[shape] for a in answers) / drafts for shape in shapes}
     costs.lookup, costs.history = lookup_ms, history_ms.get(history.match_ngram, 0.0) if history_k else 0.0
     limit = exact_rows(target)  # wider passes than this are not token-identical to the target alone
     rows = []
@@ -342,6 +388,8 @@ def run_tune(target: Target, head: DraftHead, prompts: list[list[int]], params: 
     rows.sort(key=lambda r: -r["predicted_speedup"])
     exact = [r for r in rows if r["bit_exact"]]
     return {"n_prompts": len(answers), "answer_tokens": sum(len(a.ids) - a.prompt_len for a in answers),
-            "costs_ms": {**asdict(costs), "verify": [round(v, 2) for v in costs.verify]},
+            "costs_ms": {**asdict(costs), "verify": [round(v, 2) for v in costs.verify],
+                         "tree_draft": {":".join(map(str, k)): round(v, 3) for k, v in costs.tree_draft.items()},
+                         "tree_verify": {w: round(v, 2) for w, v in sorted(costs.tree_verify.items())}},
             "exact_rows": limit if limit < ALL_ROWS else None, "best": (exact or rows)[0]["overrides"],
             "best_any": rows[0]["overrides"], "settings": rows}
