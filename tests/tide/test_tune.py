@@ -164,6 +164,16 @@ def test_tune_cli_refuses_without_a_draft_or_prompts(tmp_path, capsys):
     empty.write_text("")
     assert main(["tune", "--prompts", str(empty), "--draft", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip()  # a message, not a traceback
+    for bad in ("5:4", "5:1:16", "a:b:c"):
+        assert main(["tune", "--prompts", "builtin", "--draft", str(tmp_path), "--trees", bad]) == 2
+        assert "--trees" in capsys.readouterr().err
+
+
+def test_tree_shapes_parse_depth_topk_tokens():
+    from tide.cli import _tree_shapes
+
+    assert _tree_shapes("2:3:4, 5:4:16") == ((2, 3, 4), (5, 4, 16))
+    assert _tree_shapes("none") == ()
 
 
 def test_best_is_the_fastest_setting_whose_passes_stay_bit_exact(tiny, monkeypatch):
