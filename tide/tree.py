@@ -153,8 +153,12 @@ def keep_cache_rows(cache, length: int, rows: list[int]) -> None:
             cache.crop(-drop)  # transformers 5 crops by a negative count of tokens to drop
         return
     idx = torch.tensor(rows, dtype=torch.long) + length
+    end = length + len(rows)
     for layer in cache.layers:
         if type(layer) is not DynamicLayer:  # a sliding window keeps no full row index
             raise TypeError(f"draft trees need full-attention KV caches, not {type(layer).__name__}")
-        layer.keys = torch.cat((layer.keys[..., :length, :], layer.keys[..., idx, :]), dim=-2)
-        layer.values = torch.cat((layer.values[..., :length, :], layer.values[..., idx, :]), dim=-2)
+        # the kept rows move down in place (the gather copies them first), then the rest is cut:
+        # copying the whole cache instead cost 0.7 ms a pass at 300 tokens of context
+        layer.keys[..., length:end, :] = layer.keys[..., idx, :]
+        layer.values[..., length:end, :] = layer.values[..., idx, :]
+        layer.keys, layer.values = layer.keys[..., :end, :], layer.values[..., :end, :]
