@@ -29,7 +29,7 @@ from tide.draft_head import DraftCache, DraftHead
 from tide.errors import TideError
 from tide.lookup import AnswerHistory, lookup_draft
 from tide.models import Target
-from tide.rejection import accept_greedy, accept_sampling, target_probs
+from tide.rejection import accept_greedy, accept_sampling, greedy_ids, target_probs
 from tide.tree import DraftTree, accept_tree_greedy, keep_cache_rows, propose_tree, verify_inputs
 
 
@@ -96,7 +96,7 @@ def target_forward(target: Target, input_ids: torch.Tensor, cache, hidden: bool 
 def sample_token(logits: torch.Tensor, params: DecodeConfig, gen: torch.Generator | None) -> int:
     """logits: (V,). Greedy at temperature 0."""
     if params.temperature == 0:
-        return int(logits.argmax())
+        return int(greedy_ids(logits))
     p = target_probs(logits[None], params.temperature, params.top_p, params.top_k)[0]
     return int(torch.multinomial(p, 1, generator=gen))
 

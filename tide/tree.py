@@ -25,6 +25,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from tide.draft_head import DraftHead
+from tide.rejection import greedy_ids
 
 
 @dataclass
@@ -139,7 +140,7 @@ def follow(tree: DraftTree, next_token) -> list[int]:
 def accept_tree_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
     """logits: (N + 1, V) for [root, nodes]. Returns the accepted path (node indices, root's
     child first) and the token that follows it (the target's argmax after the path)."""
-    best = logits.argmax(-1).tolist()
+    best = greedy_ids(logits).tolist()
     path = follow(tree, lambda node, depth: best[node + 1])
     return path, best[path[-1] + 1 if path else 0]
 

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from tide.models import Target
 from tide.prompts import Prompt, encode, user_turn_prefix
 from tide.records import HiddenStateRecord
+from tide.rejection import greedy_ids
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def _decode_batch(target: Target, batch: list[list[int]], max_new: int, temperat
     feats = torch.zeros(B, max_new, prompt_feats[0].shape[-1], dtype=RECORD_DTYPE, device=dev)
     finals = torch.zeros(B, max_new, prompt_finals[0].shape[-1], dtype=RECORD_DTYPE, device=dev)
     for step in range(max_new):
-        nxt = logits.argmax(-1)
+        nxt = greedy_ids(logits)
         if temperature > 0:  # only answers still in their sampled prefix pay for sampling
             rows = (step < prefix[alive]).nonzero()[:, 0]
             if len(rows):

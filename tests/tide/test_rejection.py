@@ -1,6 +1,8 @@
 import torch
 
-from tide.rejection import accept_greedy, accept_sampling, target_probs
+import pytest
+
+from tide.rejection import accept_greedy, accept_sampling, greedy_ids, target_probs
 
 
 def test_greedy_accepts_longest_matching_prefix():
@@ -10,6 +12,18 @@ def test_greedy_accepts_longest_matching_prefix():
     assert accept_greedy(torch.tensor([3, 5, 7]), logits) == (3, 9)  # all accepted + bonus
     assert accept_greedy(torch.tensor([3, 6, 7]), logits) == (1, 5)  # recovered at position 2
     assert accept_greedy(torch.tensor([0, 5, 7]), logits) == (0, 3)  # a later match is not enough
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_ids_are_argmax_first_on_ties(dtype):
+    """The target's greedy token is argmax's, ties included (the first), in the dtypes decode uses."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (17, 49152), generator=g).to(dtype)  # every row ties many times
+    assert torch.equal(greedy_ids(logits), logits.argmax(-1))
+    assert torch.equal(greedy_ids(logits[0]), logits[0].argmax())
+    tie = torch.zeros(2, 50, dtype=dtype)
+    tie[:, [7, 40]] = 1.0
+    assert greedy_ids(tie).tolist() == [7, 7]
 
 
 def test_target_probs_top_k_top_p():
