@@ -1,6 +1,5 @@
-import torch
-
 import pytest
+import torch
 
 from tide.rejection import accept_greedy, accept_sampling, greedy_ids, target_probs
 
