@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--max-k", type=int, default=5, help="longest chain to try")
     tu.add_argument("--trees", default=None, metavar="D:T:N,...",
                     help="draft trees to price beside the one-level ones: depth (decode.k):topk:tree_tokens, "
-                         "comma-separated, or 'none' (default: 2:3:4,3:4:8,4:4:12,5:4:16,6:6:24)")
+                         "comma-separated, or 'none' (default: 2:3:4,3:4:8,3:5:10,4:4:12,5:4:16,6:6:24)")
     tu.add_argument("--top", type=int, default=12, help="settings to print")
     tu.add_argument("--json", help="also write every setting's figures here")
     _common(tu)

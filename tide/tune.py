@@ -63,7 +63,7 @@ NARROW = 7  # copies and chains of up to 7 tokens: passes of at most 8 rows (abo
 LOOKUP_KS = (0, NARROW, 8, 12, 16)  # 0: copies of k tokens
 TREE_WIDTHS = (2, 3, 4)  # one-level trees: the head's top-t next tokens in one pass
 # deeper trees, (depth, topk, tree_tokens): decode.k, decode.tree_topk, decode.tree_tokens
-TREE_SHAPES = ((2, 3, 4), (3, 4, 8), (4, 4, 12), (5, 4, 16), (6, 6, 24))
+TREE_SHAPES = ((2, 3, 4), (3, 4, 8), (3, 5, 10), (4, 4, 12), (5, 4, 16), (6, 6, 24))
 MATCH_NGRAMS = (0, 4, 6, 8, 12, 16)  # the history's copies: how many of the text's last tokens must match; 0 = none
 
 
