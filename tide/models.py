@@ -180,9 +180,20 @@ class SkinnyLinear(nn.Linear):
     """
 
     max_rows = 128
-    bf16_ext = None  # per module, set by use_skinny_matmul where tide.kernels is wanted and built
+    # per module, set by use_skinny_matmul where tide.kernels is wanted and built. A flag, not the
+    # extension itself: a module object cannot be deep-copied or pickled (the trainer copies heads)
+    bf16_on = False
     bf16_rows = ALL_ROWS  # per module: the kernel takes passes of up to this many rows (kernel_rows)
     bf16_dp = False  # per module: bf16 inputs take the vdpbf16ps path (tide.kernels.dp_path)
+
+    @property
+    def bf16_ext(self):
+        """The built `tide.kernels` extension where this module takes it, else None."""
+        if not self.bf16_on:
+            return None
+        from tide import kernels
+
+        return kernels.built()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -191,12 +202,11 @@ class SkinnyLinear(nn.Linear):
         x2 = x.reshape(rows, -1)
         if self.weight.dtype == torch.float32 and 1 < rows <= self.max_rows:
             y = torch.mm(self.weight, x2.t()).t()  # (rows, out)
-        elif (self.weight.dtype == torch.bfloat16 and self.bf16_ext is not None and x.device.type == "cpu"
-              and self.in_features % 8 == 0 and rows <= self.bf16_rows):
+        elif (self.bf16_on and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+              and self.in_features % 8 == 0 and rows <= self.bf16_rows and (ext := self.bf16_ext) is not None):
             if x2.dtype not in (torch.float32, torch.bfloat16):
                 x2 = x2.float()
-            linear = self.bf16_ext.bf16_linear_dp if self.bf16_dp and x2.dtype == torch.bfloat16 \
-                else self.bf16_ext.bf16_linear
+            linear = ext.bf16_linear_dp if self.bf16_dp and x2.dtype == torch.bfloat16 else ext.bf16_linear
             y = linear(x2.contiguous(), self.weight).to(x.dtype)  # (rows, out)
         else:
             return F.linear(x, self.weight, self.bias)
@@ -219,7 +229,7 @@ def use_skinny_matmul(model: nn.Module, bf16_kernel: str = "auto") -> nn.Module:
         if module.weight.dtype == torch.bfloat16 and not module.weight.is_contiguous():
             continue  # the kernel reads the weight in place
         module.__class__ = SkinnyLinear
-        module.bf16_ext = ext
+        module.bf16_on = ext is not None
         module.bf16_rows = rows
         module.bf16_dp = dp
     return model

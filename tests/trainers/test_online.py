@@ -132,3 +132,23 @@ def test_publishes_above_a_version_someone_else_published():
     trainer.publish()
     assert trainer.version == weights.latest_version() == 51
     assert state_from_bytes(weights.fetch(51)[0]).keys() == trainer.head.state_dict().keys()
+
+
+def test_starts_on_a_bf16_target_whose_linears_take_tide_kernels():
+    """The default config on an AVX2 CPU: a bf16 target on tide.kernels. The trainer deep-copies
+    its head for the eval gate; that once raised `cannot pickle 'module' object`."""
+    import pytest
+
+    from tide import kernels
+    from tide.models import use_skinny_matmul
+
+    if not kernels.can_run():
+        pytest.skip("tide.kernels needs an x86 CPU with AVX2")
+    target = tiny_target()
+    target.model.to(torch.bfloat16)
+    use_skinny_matmul(target.model, "always")
+    target.skinny_matmul, target.bf16_kernel = True, "always"
+    cfg = TideConfig()
+    cfg.draft.vocab_size = 96
+    trainer = OnlineTrainer(cfg, target, MemoryRecordStream(), MemoryWeightChannel())
+    assert trainer.serving_head is not trainer.head and trainer.version == 0
