@@ -1,9 +1,11 @@
 """One serving replica without Ray: target + draft head, admission, hot swap, capture, stats.
 
 Requests decode one at a time under `_decode_lock` (one CPU stream per replica; more replicas
-scale out). A weight swap takes the same lock, so it lands between requests: every response is
-produced by exactly one draft version, which it reports. Swaps validate the whole update first
-(tide.checkpoint.swap_in_place); a rejected update leaves the old draft serving.
+scale out). Every pass drafts what the replica's speculation policy picks (tide.policy; its
+costs measured when the replica starts). A new draft is fetched and validated by the weight
+poller, then swapped in between two verify passes (or at once when no request decodes): a
+response reports the draft versions it used, and its tokens are the target's whatever drafted
+them. A rejected update leaves the old draft serving.
 
 The answer history (decode.history_k > 0) is shared: each answer served is sent to an
 AnswerStream, and a thread reads the other replicas' answers from it into a queue that is
@@ -21,11 +23,12 @@ from dataclasses import replace
 
 import torch
 
-from tide.checkpoint import WeightError, load_draft, new_head, state_from_bytes, swap_in_place
+from tide.checkpoint import WeightError, load_draft, new_head, state_from_bytes, swap_in_place, validate_state
 from tide.config import DecodeConfig, TideConfig
 from tide.errors import TideError
 from tide.lookup import HistoryError, answer_from_bytes, answer_to_bytes, history_from_config
 from tide.models import Target, load_target
+from tide.policy import policy_from_config
 from tide.records import HiddenStateRecord
 from tide.speculative import speculative_generate, target_generate
 from tide.transport.base import TransportError
@@ -44,10 +47,12 @@ class Cancelled(TideError):
 
 class ServingEngine:
     def __init__(self, cfg: TideConfig, replica: str, target: Target, head, version: int,
-                 writer=None, weights=None, answers=None):
+                 writer=None, weights=None, answers=None, policy=None):
         self.cfg, self.replica, self.target = cfg, replica, target
         self.head, self.version = head, version
         self.writer, self.weights = writer, weights
+        self.policy = policy  # None: each request follows its own decode parameters (FixedPolicy)
+        self._pending: tuple[int, dict, dict] | None = None  # a validated draft waiting for a pass
         self._decode_lock = threading.Lock()
         self._admit_lock = threading.Lock()
         self._waiting = 0
@@ -89,7 +94,10 @@ class ServingEngine:
             head, version = load_draft(cfg.draft.path, target)
         else:
             head, version = new_head(target, cfg.draft.vocab_size, seed=cfg.draft.seed), 0
-        engine = cls(cfg, replica, target, head, version, writer, weights, answers)
+        policy = policy_from_config(cfg.decode, target, head, cfg.model.max_context)
+        if policy is not None:
+            log.info("replica %s: costs measured (ms) %s", replica, policy.stats()["costs_ms"])
+        engine = cls(cfg, replica, target, head, version, writer, weights, answers, policy)
         engine.poll_weights()  # join a running system at its newest draft
         engine.sync_answers()  # ... and with the answers its replicas served
         return engine
@@ -125,12 +133,18 @@ class ServingEngine:
                 if self.cfg.serving.threads > 0:
                     torch.set_num_threads(self.cfg.serving.threads)
                 self._learn_shared()
-                head, version = self.head, self.version
+                self._apply_pending()
+                versions = [self.version]
+
+                def between_passes() -> None:  # a published draft swaps in here, mid-request
+                    if self._pending is not None and self._apply_pending():
+                        versions.append(self.version)
+
                 t0 = time.perf_counter()
                 if self.cfg.serving.speculative:
-                    g = speculative_generate(self.target, head, prompt_ids, params, self.cfg.model.max_context,
+                    g = speculative_generate(self.target, self.head, prompt_ids, params, self.cfg.model.max_context,
                                              capture=self.cfg.serving.capture, on_tokens=stream,
-                                             history=self.history)
+                                             history=self.history, policy=self.policy, on_pass=between_passes)
                     if self.history is not None:
                         self.history.add(prompt_ids, g.tokens)
                         if self._answer_writer is not None:
@@ -154,13 +168,15 @@ class ServingEngine:
         self._account(g, elapsed, len(prompt_ids))
         if g.features is not None and self.writer is not None:
             record = HiddenStateRecord(
-                request_id=request_id, target_model_id=self.target.model_id, draft_version=version,
+                request_id=request_id, target_model_id=self.target.model_id, draft_version=versions[-1],
                 input_ids=torch.tensor(g.sequence), features=g.features,
                 final_hidden=g.final_hidden, prompt_len=len(prompt_ids), accept_len=g.head_accept_len)
+            # the newest draft it used: a request that saw a swap is judged with the new draft
             self.writer.submit(record.to_bytes())
         return {
             "request_id": request_id, "tokens": g.tokens, "finish_reason": g.finish_reason,
-            "prompt_tokens": len(prompt_ids), "draft_version": version, "drafted": g.drafted,
+            "prompt_tokens": len(prompt_ids), "draft_version": versions[-1], "draft_versions": versions,
+            "drafted": g.drafted,
             "accepted": g.accepted, "verify_passes": g.passes,
             "accept_len": round(g.mean_accept_len, 4), "seconds": round(elapsed, 4),
             "replica": self.replica,
@@ -260,37 +276,55 @@ class ServingEngine:
 
     # -- hot swap ---------------------------------------------------------------------------
     def poll_weights(self) -> bool:
-        """Swap in the newest published draft if there is one. Returns True when swapped."""
+        """Fetch and validate the newest published draft if there is one, and swap it in now if
+        no request is decoding (else the decoding request swaps it in before its next pass).
+        Returns True when a new draft was swapped in by this call."""
         if self.weights is None:
             return False
         try:
             latest = self.weights.latest_version()
-            if latest <= self.version or latest in self._rejected_versions:
-                return False
-            got = self.weights.fetch(latest)
+            pending = self._pending[0] if self._pending is not None else self.version
+            if latest > max(self.version, pending) and latest not in self._rejected_versions:
+                got = self.weights.fetch(latest)
+                if got is not None:
+                    self._validate(latest, *got)
         except TransportError as e:
             log.debug("weight poll failed: %s", e)
-            return False
-        if got is None:
-            return False
-        data, meta = got
+        if self._pending is not None and self._decode_lock.acquire(blocking=False):
+            try:
+                return self._apply_pending()
+            finally:
+                self._decode_lock.release()
+        return False
+
+    def _validate(self, version: int, data: bytes, meta: dict) -> None:
         try:
             state = state_from_bytes(data)
-            with self._decode_lock:  # between requests: no response mixes two drafts
-                swap_in_place(self.head, state)
-                self.version = latest
+            validate_state(self.head, state)
         except WeightError as e:
-            self._rejected_versions.add(latest)
+            self._rejected_versions.add(version)
             self.stats_["swaps_rejected"] += 1
-            self.stats_["last_swap_error"] = f"v{latest}: {e}"
-            log.warning("rejected draft v%d, keeping v%d: %s", latest, self.version, e)
+            self.stats_["last_swap_error"] = f"v{version}: {e}"
+            log.warning("rejected draft v%d, keeping v%d: %s", version, self.version, e)
+            return
+        self._pending = (version, state, meta)
+
+    def _apply_pending(self) -> bool:
+        """Under the decode lock, between passes: swap the validated draft in, in place."""
+        got, self._pending = self._pending, None
+        if got is None:
             return False
+        version, state, meta = got
+        swap_in_place(self.head, state)
+        self.version = version
+        if self.policy is not None:
+            self.policy.head_changed()
         now = time.time()
         self.stats_["swaps_applied"] += 1
         self.stats_["last_swap_at"] = now
         if "published_at" in meta:
             self.stats_["last_swap_latency_s"] = round(now - float(meta["published_at"]), 4)
-        log.info("replica %s now serves draft v%d", self.replica, latest)
+        log.info("replica %s now serves draft v%d", self.replica, version)
         return True
 
     def start_weight_poller(self) -> None:
@@ -317,4 +351,6 @@ class ServingEngine:
         if self._answer_writer is not None:
             s.update(history_shared_out=self._answer_writer.written,
                      history_shared_dropped=self._answer_writer.dropped)
+        if self.policy is not None:
+            s["policy"] = self.policy.stats()
         return s

@@ -187,19 +187,10 @@ def cmd_bench(args) -> int:
 
 
 def _tree_shapes(text: str) -> tuple[tuple[int, int, int], ...]:
-    """'2:3:4,5:4:16' -> ((2, 3, 4), (5, 4, 16)); 'none' -> ()."""
-    if text.strip().lower() == "none":
-        return ()
-    shapes = []
-    for part in text.split(","):
-        try:
-            d, t, n = (int(v) for v in part.strip().split(":"))
-        except ValueError:
-            raise ValueError(f"{part.strip()!r} is not depth:topk:tree_tokens (e.g. 5:4:16)") from None
-        if d < 1 or t < 2 or n < 1:
-            raise ValueError(f"{part.strip()!r}: depth must be >= 1, topk >= 2, tree_tokens >= 1")
-        shapes.append((d, t, n))
-    return tuple(shapes)
+    """'2:3:4,5:4:16' -> ((2, 3, 4), (5, 4, 16)); 'none' -> (). Raises ConfigError (a ValueError)."""
+    from tide.config import tree_shapes
+
+    return () if text.strip().lower() == "none" else tuple(tree_shapes([p.strip() for p in text.split(",")]))
 
 
 def cmd_tune(args) -> int:

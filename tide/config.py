@@ -51,7 +51,11 @@ class DraftConfig:
 
 @dataclass
 class DecodeConfig:
-    k: int = 5  # draft tokens proposed per verify pass (with a tree: its depth)
+    # auto: every pass drafts what this machine's costs and the draft's acceptance so far say pays
+    # best (tide.policy: none, the head's chain of up to k, a tree of `trees`, a copy from prompt
+    # lookup or the answer history); fixed: always the configured k / tree / lookup order
+    policy: str = "auto"
+    k: int = 5  # draft tokens proposed per verify pass (with a tree: its depth); auto: the longest chain
     # a chain stops early when the draft's probability of it falls below this (0 = always k):
     # a weak head's long chains cost verify width and are rarely accepted
     draft_threshold: float = 0.0
@@ -59,6 +63,8 @@ class DecodeConfig:
     # each of k steps and verifies the tree_tokens most probable in one pass; 0 or 1: a chain
     tree_topk: int = 0
     tree_tokens: int = 16
+    # the tree shapes `auto` may draft, "depth:topk:nodes"
+    trees: list[str] = field(default_factory=lambda: ["1:2:2", "1:3:3", "1:4:4", "3:4:8", "3:5:10"])
     # prompt lookup beside the head (tide.lookup): when the last n tokens, n from lookup_ngram
     # down to lookup_min_ngram, occurred before, the k tokens that followed are checked instead
     # of the head's draft; 0 = off. lookup_k: the longest copy; a copy proposes k tokens, or more,
@@ -231,6 +237,7 @@ def _validate(cfg: TideConfig) -> None:
          f"train.precision must be auto, bfloat16 or float32, not {cfg.train.precision!r}"),
         (cfg.train.device == "cpu" or cfg.train.device.split(":")[0] == "cuda",
          f"train.device must be cpu, cuda or cuda:N, not {cfg.train.device!r}"),
+        (d.policy in ("auto", "fixed"), f"decode.policy must be auto or fixed, not {d.policy!r}"),
         (d.k >= 1, f"decode.k must be >= 1, not {d.k}"),
         (0 <= d.draft_threshold < 1, f"decode.draft_threshold must be in [0, 1), not {d.draft_threshold}"),
         (d.tree_topk >= 0, f"decode.tree_topk must be >= 0, not {d.tree_topk}"),
@@ -267,6 +274,21 @@ def _validate(cfg: TideConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    tree_shapes(d.trees)
+
+
+def tree_shapes(texts: list[str]) -> list[tuple[int, int, int]]:
+    """["depth:topk:nodes", ...] -> shapes; a ConfigError names a malformed one."""
+    shapes = []
+    for text in texts:
+        try:
+            depth, topk, nodes = (int(v) for v in str(text).split(":"))
+        except ValueError:
+            raise ConfigError(f"decode.trees: {text!r} is not depth:topk:nodes (e.g. 3:4:8)") from None
+        if depth < 1 or topk < 2 or nodes < 1:
+            raise ConfigError(f"decode.trees: {text!r} needs depth >= 1, topk >= 2, nodes >= 1")
+        shapes.append((depth, topk, nodes))
+    return shapes
 
 
 def from_dict(data: dict) -> TideConfig:

@@ -19,7 +19,7 @@ is [y, tree nodes] under a tree mask, and the rows kept are y and the accepted b
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
@@ -29,6 +29,7 @@ from tide.draft_head import DraftCache, DraftHead
 from tide.errors import TideError
 from tide.lookup import AnswerHistory, lookup_draft
 from tide.models import Target
+from tide.policy import HEAD, HISTORY, LOOKUP, NONE, RECALL, TOPS, TREE, FixedPolicy
 from tide.rejection import accept_greedy, accept_sampling, greedy_ids, target_probs
 from tide.tree import DraftTree, accept_tree_greedy, keep_cache_rows, propose_tree, verify_inputs
 
@@ -52,6 +53,7 @@ class Generation:
     lookup_accepted: int = 0  # draft tokens of those passes accepted
     history_passes: int = 0  # passes that checked a chain from earlier answers (AnswerHistory)
     history_accepted: int = 0
+    plain_passes: int = 0  # passes that checked no draft (the policy judged none worth its cost)
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -67,9 +69,9 @@ class Generation:
     @property
     def head_accept_len(self) -> float:
         """Acceptance length of the passes the draft head drafted (prompt lookup's and the
-        history's left out): what the online trainer watches for drift. 0.0 when the head
-        drafted no pass."""
-        passes = self.passes - self.lookup_passes - self.history_passes
+        history's and those without a draft left out): what the online trainer watches for drift.
+        0.0 when the head drafted no pass."""
+        passes = self.passes - self.lookup_passes - self.history_passes - self.plain_passes
         accepted = self.accepted - self.lookup_accepted - self.history_accepted
         return (accepted + passes) / passes if passes else 0.0
 
@@ -154,11 +156,12 @@ def start(target: Target, prompt_ids: list[int], params: DecodeConfig, gen, capt
                   [*prompt_ids, y], [(out.features, out.final_hidden)] if capture else [])
 
 
-def propose(head: DraftHead, embed, s: _State, params: DecodeConfig, k: int, gen):
+def propose(head: DraftHead, embed, s: _State, params: DecodeConfig, k: int, gen, tops: list | None = None):
     """Draft up to k tokens: the first always, each further one while the draft's own probability
     of the chain so far stays at or above `params.draft_threshold` (a chain the head is unsure of
     costs verify width and is rarely accepted). Returns target ids (n,) and, when sampling, their
-    distributions (n, V). The length depends on the draft alone, so acceptance stays lossless."""
+    distributions (n, V). The length depends on the draft alone, so acceptance stays lossless.
+    tops (greedy): receives the head's TOPS best target ids at each position, for the policy."""
     last = feed_pending(head, embed, s)  # (1, 1, H)
     tokens, probs = [], []
     target_ids = head.target_ids if params.temperature > 0 else None
@@ -166,6 +169,8 @@ def propose(head: DraftHead, embed, s: _State, params: DecodeConfig, k: int, gen
     for i in range(k):
         logits = head.logits(last)[0, -1].float()  # (Vd,)
         if params.temperature == 0:
+            if tops is not None:
+                tops.append(head.to_target_ids(logits.topk(TOPS).indices).tolist())
             d = int(logits.argmax())
             if params.draft_threshold > 0:
                 chain_p *= float(torch.softmax(logits, dim=-1)[d])
@@ -240,16 +245,38 @@ def _finish(new: list[int], eos: set[int], max_new: int) -> tuple[list[int], str
     return new, None
 
 
+def draft_offers(sequence: list[int], params: DecodeConfig, history: AnswerHistory | None, room: int) -> dict:
+    """What the text offers as a draft this pass, by source (tide.policy): the answer history's
+    copy of an earlier answer (12+ tokens agree) and its counted chain, prompt lookup's copy (2-3
+    tokens agree). Sources that find nothing are left out."""
+    offers = {}
+    if params.history_k and history is not None:
+        hk = min(params.history_k, room)
+        if copied := history.copy(sequence, hk):
+            offers[RECALL] = copied
+        if chain := history.chain(sequence, hk):
+            offers[HISTORY] = chain
+    if params.lookup_ngram:
+        looked = lookup_draft(torch.tensor(sequence), params.lookup_ngram, params.lookup_min_ngram,
+                              min(params.k, room), min(params.lookup_k, room))
+        if looked is not None:
+            offers[LOOKUP] = looked.tolist()
+    return offers
+
+
 @torch.inference_mode()
 def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
                          params: DecodeConfig, max_context: int = 2048,
-                         capture: bool = False, on_tokens=None, history: AnswerHistory | None = None) -> Generation:
+                         capture: bool = False, on_tokens=None, history: AnswerHistory | None = None,
+                         policy=None, on_pass=None) -> Generation:
     """on_tokens(list[int]) receives the newly final tokens after every verify pass (streaming).
-    history: earlier answers that draft before the head: their copies (long matches) before
-    prompt lookup, their counted chains where lookup finds nothing (used when params.history_k
-    > 0; the caller adds the answers, see tide.lookup.AnswerHistory)."""
+    history: earlier answers that draft too (used when params.history_k > 0; the caller adds the
+    answers, see tide.lookup.AnswerHistory). policy: what each pass drafts (tide.policy; None:
+    the configured order, FixedPolicy). on_pass(): called before every pass, where a replica
+    swaps in new draft weights."""
     _check_room(target, len(prompt_ids), max_context)
     gen = _generator(params)
+    policy = policy if policy is not None else FixedPolicy(params)
     t0 = time.perf_counter()
     s = start(target, prompt_ids, params, gen, capture)
     y = s.next_token
@@ -258,54 +285,55 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
     new, reason = _finish([y], target.eos_ids, params.max_new_tokens)
     emit = _Emitter(on_tokens)
     embed = target.embed
-    tree = params.tree_topk > 1 and params.temperature == 0  # sampling keeps the chain
+    greedy = params.temperature == 0  # sampling keeps chains (trees are greedy only)
+    vocab = head.config.target_vocab_size
     while reason is None:
         emit(new)
+        if on_pass is not None:
+            on_pass()
         room = max_context - s.length - 1
-        k = min(params.k, room)
-        if k < 1:
+        if room < 1:
             reason = "length"
             break
         t0 = time.perf_counter()
-        # drafts without the head, longest match first: a copy from an earlier answer (12+
-        # tokens agree), prompt lookup (2-3), the history's counted chain
-        looked, recalled = None, False
-        recall = params.history_k and history is not None
-        if recall and (copied := history.copy(s.sequence, min(params.history_k, room))):
-            looked, recalled = torch.tensor(copied), True
-        if looked is None and params.lookup_ngram:
-            looked = lookup_draft(torch.tensor(s.sequence), params.lookup_ngram, params.lookup_min_ngram,
-                                  k, min(params.lookup_k, room))
-        if looked is None and recall and (chain := history.chain(s.sequence, min(params.history_k, room))):
-            looked, recalled = torch.tensor(chain), True
-        if tree and looked is None:
-            dt = propose_tree(head, embed, feed_pending(head, embed, s), s.draft_cache, s.length, k,
-                              params.tree_topk, min(params.tree_tokens, room))
+        tops = [] if greedy else None
+        offers = draft_offers(s.sequence, params, history, room)
+        choice = policy.choose(offers, room, greedy)
+        if choice.source == TREE:
+            dt = propose_tree(head, embed, feed_pending(head, embed, s), s.draft_cache, s.length, *choice.shape)
             t1 = time.perf_counter()
             out = verify_tree(target, s, dt)
             path, z = accept_tree_greedy(dt, out.logits)
             a, drafted = len(path), len(dt)
             commit(s, out, [0, *(i + 1 for i in path)], dt.tokens[path], z, capture)
         else:
-            if looked is not None:  # copied tokens: the head sits this pass out; under sampling
-                # their draft distribution puts all its mass on the copy
-                draft_tokens, draft_probs = looked, (torch.nn.functional.one_hot(
-                    looked, head.config.target_vocab_size).float() if params.temperature > 0 else None)
-            else:
-                draft_tokens, draft_probs = propose(head, embed, s, params, k, gen)
+            if choice.source == HEAD:
+                draft_tokens, draft_probs = propose(head, embed, s, params, choice.length, gen, tops)
+                if len(draft_tokens) < choice.length:  # cut by decode.draft_threshold
+                    choice = replace(choice, length=len(draft_tokens))
+            else:  # copied tokens, or none: the head sits this pass out; under sampling a copy's
+                # draft distribution puts all its mass on the copied token
+                draft_tokens = torch.tensor(offers.get(choice.source, [])[: choice.length], dtype=torch.long)
+                draft_probs = None if greedy else torch.nn.functional.one_hot(draft_tokens, vocab).float()
             t1 = time.perf_counter()
             out = verify(target, s, draft_tokens)
             a, z = accept(out, draft_tokens, draft_probs, params, gen)
             drafted = len(draft_tokens)
             commit(s, out, list(range(a + 1)), draft_tokens[:a], z, capture)
-        if recalled:
+        t2 = time.perf_counter()
+        # where the target's token stood among the head's best at its first miss (prices trees)
+        miss = tops[a] if choice.source == HEAD and tops and a < len(tops) else ()
+        policy.observe(choice, a, t1 - t0, t2 - t1, miss.index(z) if z in miss else None)
+        if choice.source in (RECALL, HISTORY):
             g.history_passes += 1
             g.history_accepted += a
-        elif looked is not None:
+        elif choice.source == LOOKUP:
             g.lookup_passes += 1
             g.lookup_accepted += a
+        elif choice.source == NONE:
+            g.plain_passes += 1
         g.draft_s += t1 - t0
-        g.verify_s += time.perf_counter() - t1
+        g.verify_s += t2 - t1
         g.passes += 1
         g.drafted += drafted
         g.accepted += a

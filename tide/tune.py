@@ -41,7 +41,6 @@ only: sampling is not replayed. Tune on prompts the head did not train on
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -53,8 +52,9 @@ from tide.draft_head import DraftCache, DraftHead
 from tide.kernels import ALL_ROWS, kernel_rows
 from tide.lookup import AnswerHistory, lookup_draft
 from tide.models import Target
+from tide.policy import HEAD, HISTORY, LOOKUP, RECALL, TREE, Costs, FixedPolicy, measure_costs
 from tide.speculative import target_forward, target_generate
-from tide.tree import DraftTree, follow, keep_cache_rows, propose_tree, verify_inputs
+from tide.tree import DraftTree, follow, propose_tree
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +75,6 @@ class Answer:
     probs: torch.Tensor  # (T - prompt_len + 1, max_k) its probability of each token
     trees: dict = field(default_factory=dict)  # (depth, topk, tree_tokens) -> the head's tree at each state
     tree_ms: dict = field(default_factory=dict)  # (depth, topk, tree_tokens) -> time its drafts took here
-
-
-@dataclass
-class Costs:
-    """Milliseconds on this machine, medians of interleaved repeats."""
-    target_step: float  # the target alone: one token, no hidden states
-    verify: list[float]  # verify[w]: a pass of w tokens (y and w - 1 drafts) with hidden states
-    draft_call: float  # one draft layer call over one position
-    draft_logits: float  # the draft's LM head and softmax for one position
-    lookup: float = 0.0  # one prompt-lookup search (measured during the replay)
-    history: float = 0.0  # one answer-history chain (measured during the replay)
-    tree_draft: dict = field(default_factory=dict)  # (depth, topk, tree_tokens) -> one propose_tree
-    tree_verify: dict = field(default_factory=dict)  # width -> a pass over [y, nodes] with a tree mask
 
 
 @dataclass
@@ -159,56 +146,6 @@ def answer(target: Target, head: DraftHead, prompt_ids: list[int], params: Decod
     return Answer(ids, len(prompt_ids), chains, probs, trees, tree_ms)
 
 
-@torch.inference_mode()
-def measure_costs(target: Target, head: DraftHead, context: list[int], max_width: int, reps: int = 7,
-                  trees: dict[int, DraftTree] | None = None) -> Costs:
-    """Interleaved repeats (every width once per round) so machine noise hits all alike. trees:
-    a tree of each width to time the verify pass with its tree mask."""
-    cache = DynamicCache(config=target.config)
-    target_forward(target, torch.tensor([context]), cache, hidden=False)
-    n = len(context)
-    embed, x = target.embed, torch.tensor(context)
-
-    def timed(fn) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return 1000 * (time.perf_counter() - t0)
-
-    def step(width: int, hidden: bool):
-        target_forward(target, x[None, -width:], cache, hidden=hidden)
-        keep_cache_rows(cache, n, [])
-
-    def tree_step(tree: DraftTree):
-        ids, positions, mask = verify_inputs(tree, context[-1], n, target.model.dtype)
-        target_forward(target, ids, cache, position_ids=positions, attention_mask=mask)
-        keep_cache_rows(cache, n, [])
-
-    draft_cache = DraftCache()
-    feats = target_forward(target, x[None, :-1], DynamicCache(config=target.config)).features
-    head(head.fuse(feats[None, :-1]), embed(x[None, 1:-1]), torch.arange(n - 2), draft_cache)
-    hidden = head.fuse(feats[None, -1:])
-
-    def draft_call():
-        head(hidden, embed(x[None, -1:]), torch.tensor([n - 2]), draft_cache)
-        draft_cache.crop(n - 2)
-
-    def draft_logits():
-        torch.softmax(head.logits(hidden)[0, -1].float(), dim=-1).argmax()
-
-    samples: dict[str, list[float]] = {}
-    for _ in range(reps):
-        samples.setdefault("step", []).append(timed(lambda: step(1, False)))
-        for w in range(1, max_width + 1):
-            samples.setdefault(w, []).append(timed(lambda: step(w, True)))
-        for w, tree in (trees or {}).items():
-            samples.setdefault(("tree", w), []).append(timed(lambda: tree_step(tree)))
-        samples.setdefault("call", []).append(timed(draft_call))
-        samples.setdefault("logits", []).append(timed(draft_logits))
-    med = {key: statistics.median(v) for key, v in samples.items()}
-    return Costs(med["step"], [0.0] + [med[w] for w in range(1, max_width + 1)], med["call"], med["logits"],
-                 tree_verify={w: med[("tree", w)] for w in trees or {}})
-
-
 def chain_length(probs: torch.Tensor, k: int, threshold: float) -> int:
     """How many of the chain's tokens propose() keeps: the first always, then while the product
     of the draft's probabilities stays at or above the threshold."""
@@ -218,13 +155,6 @@ def chain_length(probs: torch.Tensor, k: int, threshold: float) -> int:
     return max(1, int((run >= threshold).cumprod(0).sum()))
 
 
-def head_draft_ms(c: Costs, drafted: int, k: int) -> float:
-    """propose() for a chain of `drafted` of k tokens: one call feeds the verified positions, one
-    call per further token, and the LM head per token looked at (one more where the chain is cut)."""
-    cut = drafted < k
-    return c.draft_call * (drafted + cut) + c.draft_logits * (drafted + cut)
-
-
 def replay(answers: list[Answer], s: Setting, c: Costs, lookups: dict, recalls: dict | None = None) -> dict:
     """Walk every answer pass by pass under setting s; returns tokens, passes and their cost.
     recalls[(answer, L)]: the history's (copy, chain) at that state, either None (the longest
@@ -232,42 +162,35 @@ def replay(answers: list[Answer], s: Setting, c: Costs, lookups: dict, recalls: 
     copy, prompt lookup, the history's chain, the head."""
     tokens = passes = lookup_passes = history_passes = drafted = 0
     ms = 0.0
+    policy = FixedPolicy(DecodeConfig(k=s.k, tree_topk=s.tree, tree_tokens=s.tree_tokens or 16))
+    searched = (c.lookup if s.lookup_ngram else 0.0) + (c.history if s.history_k else 0.0)
     for ai, a in enumerate(answers):
         L, T = a.prompt_len, len(a.ids) - 1
         while L < T:  # y = x_L is known; x_{L+1}.. is the truth the drafts are checked against
             h_copy, h_chain = (recalls or {}).get((ai, L), (None, None)) if s.history_k else (None, None)
-            copy = None
-            if h_copy is None and s.lookup_ngram:
-                copy = lookups.get((ai, L, s.lookup_ngram, s.lookup_min_ngram, s.k, s.lookup_k))
-            searched = c.lookup if s.lookup_ngram else 0.0
-            tree = None
-            if h_copy is not None:
-                draft, cost = h_copy[: s.history_k], c.history
-                history_passes += 1
-            elif copy is not None:
-                draft, cost = copy, c.lookup + (c.history if s.history_k else 0.0)
-                lookup_passes += 1
-            elif h_chain is not None:
-                draft, cost = h_chain[: s.history_k], searched + c.history
-                history_passes += 1
-            elif s.tree:  # one call feeds the verified positions, then the tree as decode drafts it
+            offers = {RECALL: (h_copy or [])[: s.history_k], HISTORY: (h_chain or [])[: s.history_k]}
+            if s.lookup_ngram:
+                offers[LOOKUP] = lookups.get((ai, L, s.lookup_ngram, s.lookup_min_ngram, s.k, s.lookup_k))
+            choice = policy.choose(offers, T, tree_ok=True)  # as decode chooses (room: no limit here)
+            if choice.source == TREE:  # the path the answer follows
                 tree = a.trees[s.shape()][L - a.prompt_len]
-                cost = c.draft_call + c.tree_draft[s.shape()] + searched + (c.history if s.history_k else 0.0)
-            else:
-                row = L - a.prompt_len
-                w = chain_length(a.probs[row], s.k, s.draft_threshold)
-                draft = a.chains[row, :w].tolist()
-                cost = head_draft_ms(c, w, s.k) + searched + (c.history if s.history_k else 0.0)
-            if tree is not None:  # the path the answer follows
                 truth = a.ids[L + 1 : L + 1 + s.k]
                 acc = len(follow(tree, lambda node, depth: truth[depth] if depth < len(truth) else None))
-                ms += cost + c.tree_verify[len(tree) + 1]
+                ms += searched + c.draft_call + c.tree_draft[s.shape()] + c.tree_verify[len(tree) + 1]
                 drafted += len(tree)
             else:
+                if choice.source == HEAD:
+                    row = L - a.prompt_len
+                    w = chain_length(a.probs[row], s.k, s.draft_threshold)
+                    draft, cost = a.chains[row, :w].tolist(), c.chain_draft_ms(w, s.k)
+                else:
+                    draft, cost = offers[choice.source], 0.0
+                    lookup_passes += choice.source == LOOKUP
+                    history_passes += choice.source != LOOKUP
                 truth, acc = a.ids[L + 1 : L + 1 + len(draft)], 0
                 while acc < len(truth) and draft[acc] == truth[acc]:
                     acc += 1
-                ms += cost + c.verify[len(draft) + 1]
+                ms += searched + cost + c.verify[len(draft) + 1]
                 drafted += len(draft)
             tokens += min(acc + 1, T - L)
             passes += 1

@@ -5,11 +5,11 @@ import time
 
 from serving.engine import Cancelled, ServingEngine
 from tests.conftest import tiny_target
-from tide.checkpoint import new_head
+from tide.checkpoint import new_head, state_to_bytes
 from tide.config import load_config
 from tide.lookup import answer_to_bytes
 from tide.speculative import target_generate
-from tide.transport.memory import MemoryAnswerStream
+from tide.transport.memory import MemoryAnswerStream, MemoryWeightChannel
 
 
 def test_a_served_answer_drafts_the_next_requests_and_a_cancelled_one_is_not_learned():
@@ -87,3 +87,32 @@ def test_history_share_false_keeps_each_replicas_history_its_own():
     a.generate([1, 2, 3], a.decode_params())
     assert len(a.history) == 1 and a.answers is None and "history_shared_out" not in a.stats()
     assert answers.read("0", 10, 0) == []
+
+
+def test_a_draft_published_mid_request_swaps_in_between_passes():
+    """The weight poller validates a published draft; a request decoding at the time swaps it in
+    before its next verify pass, reports both versions, and its tokens stay the target's."""
+    cfg = load_config(overrides=["decode.policy=fixed", "decode.k=3", "decode.max_new_tokens=24",
+                                 "serving.capture=false"])
+    target = tiny_target()
+    weights = MemoryWeightChannel()
+    engine = ServingEngine(cfg, "r0", target, new_head(target, 64), 0, weights=weights)
+    published = []
+
+    def publish_once(_tokens):
+        if not published:  # decoding holds the lock: the poll only validates and queues it
+            weights.publish(7, state_to_bytes(new_head(target, 64, seed=7)), {"published_at": time.time()})
+            published.append(engine.poll_weights())
+
+    out = engine.generate([1, 2, 3], engine.decode_params(), on_tokens=publish_once)
+    assert published == [False] and out["draft_versions"] == [0, 7] and out["draft_version"] == 7
+    assert out["tokens"] == target_generate(target, [1, 2, 3], engine.decode_params()).tokens
+    assert engine.version == 7 and engine.stats_["swaps_applied"] == 1
+    assert engine.stats_["last_swap_latency_s"] < 1.0
+    # idle: a poll swaps at once; a corrupt draft is rejected and the serving one stays
+    weights.publish(8, state_to_bytes(new_head(target, 64, seed=8)), {})
+    assert engine.poll_weights() and engine.version == 8
+    weights.publish(9, b"not safetensors", {})
+    assert not engine.poll_weights() and engine.version == 8 and engine.stats_["swaps_rejected"] == 1
+    again = engine.generate([1, 2, 3], engine.decode_params())
+    assert again["draft_versions"] == [8]

@@ -23,6 +23,9 @@ def _cfg(model_dir, prefix) -> TideConfig:
     cfg.model.source, cfg.model.dtype = str(model_dir), "float32"
     cfg.draft.vocab_size = 100_000  # clamped to the tiny model's full vocabulary
     cfg.decode.k, cfg.decode.max_new_tokens = 4, 24
+    # chains of 4 on every pass: this tests learning, not the policy (on a tiny model drafting
+    # costs more than it saves, and `auto` would rightly draft nothing)
+    cfg.decode.policy = "fixed"
     cfg.train.batch_size, cfg.train.ttt_steps, cfg.train.seq_len, cfg.train.lr = 4, 2, 128, 5e-3
     o = cfg.online
     o.min_records, o.eval_every, o.gate_margin, o.goal_accept_len = 4, 5, 0.0, 100.0

@@ -14,7 +14,6 @@ from tide.tune import (
     Setting,
     answer,
     chain_length,
-    head_draft_ms,
     history_table,
     lookup_table,
     replay,
@@ -39,8 +38,8 @@ def test_chain_length_keeps_the_first_token_and_cuts_where_propose_does():
 
 def test_head_draft_cost_counts_the_calls_propose_makes():
     c = Costs(target_step=10.0, verify=[0.0] * 5, draft_call=1.0, draft_logits=0.1)
-    assert head_draft_ms(c, 3, 3) == pytest.approx(3 * 1.0 + 3 * 0.1)  # feed + 2 chain calls, 3 heads
-    assert head_draft_ms(c, 1, 3) == pytest.approx(2 * 1.0 + 2 * 0.1)  # cut: one more of each
+    assert c.chain_draft_ms(3, 3) == pytest.approx(3 * 1.0 + 3 * 0.1)  # feed + 2 chain calls, 3 heads
+    assert c.chain_draft_ms(1, 3) == pytest.approx(2 * 1.0 + 2 * 0.1)  # cut: one more of each
 
 
 @pytest.mark.parametrize("setting", [Setting(3, 0.0, 0, 2, 0), Setting(5, 0.3, 0, 2, 0),

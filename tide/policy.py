@@ -1,0 +1,358 @@
+"""The speculation controller: every verify pass takes the draft with the best expected speed.
+
+TIDE (arXiv:2602.05145) prices a chain of g draft tokens, each accepted with probability a, as
+
+    S = (1 - a^(g+1)) / ((1 - a)(c g + b))
+
+tokens per target step: the numerator is the expected tokens of a pass (accepted drafts, +1 for
+the recovered or bonus token), the denominator what the pass costs (c per draft token, b for the
+verify pass, both in target steps). tide has more draft sources than one chain, and on a CPU a
+verify pass costs more the wider it is, so the controller prices every option the same way:
+
+    E[tokens]  = 1 + sum_{j=1..g} prod_{i<=j} r_i(source)      r_i: acceptance of position i,
+                                                               given the ones before it
+    cost (ms)  = draft(option) + verify(width of the pass)     measured on this machine
+    pick         argmax E[tokens] / cost
+
+over: no speculation (a pass of one row: what the target alone does), the head's chain of
+g = 1..k, each draft tree shape (its mean accepted tokens), and where the text offers one, a
+prompt-lookup copy or the answer history's copy or chain, cut to the best length. Acceptance is
+tracked online per source and position (decayed counts, so an option not taken drifts back to
+its prior and is tried again: a draft that improves is noticed); costs are measured at startup
+(`measure_costs`). A cold or stale draft then costs one draft row now and then, a good one is
+used fully, on any CPU. Whatever is drafted, the target decides every token: the output does not
+depend on the policy.
+
+`FixedPolicy` is the configured order (the answer history's copy, prompt lookup, its chain, then
+the head's tree or chain of `decode.k`): `decode.policy=fixed`, and what `tide tune` replays.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from tide.config import DecodeConfig
+from tide.draft_head import DraftCache, DraftHead
+from tide.lookup import lookup_draft
+from tide.models import Target
+from tide.tree import keep_cache_rows, propose_tree, verify_inputs
+
+# sources of a draft; copies come from the text, the head drafts a chain or a tree
+NONE, HEAD, TREE, LOOKUP, RECALL, HISTORY = "none", "head", "tree", "lookup", "recall", "history"
+COPIES = (RECALL, LOOKUP, HISTORY)  # RECALL: the history's copy of an earlier answer; HISTORY: its chain
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What one verify pass checks: `length` draft tokens from `source` (a tree: its nodes)."""
+
+    source: str
+    length: int = 0
+    shape: tuple[int, int, int] | None = None  # a tree's (depth, topk, nodes)
+    expected: float = 1.0  # tokens the policy expects from the pass (accepted + 1)
+    cost_ms: float = 0.0  # what it expects the pass to cost
+
+    @property
+    def label(self) -> str:
+        if self.source == TREE:
+            return "tree:" + ":".join(map(str, self.shape))
+        return self.source if self.source == NONE else f"{self.source}:{self.length}"
+
+
+@dataclass
+class Costs:
+    """Milliseconds on this machine, medians of interleaved repeats."""
+
+    target_step: float  # the target alone: one token, no hidden states
+    verify: list[float]  # verify[w]: a pass of w tokens (y and w - 1 drafts) with hidden states
+    draft_call: float  # one draft layer call over one position
+    draft_logits: float  # the draft's LM head and softmax for one position
+    lookup: float = 0.0  # one prompt-lookup search
+    history: float = 0.0  # one answer-history search (tune measures it during its replay)
+    tree_draft: dict = field(default_factory=dict)  # (depth, topk, nodes) -> one propose_tree
+    tree_verify: dict = field(default_factory=dict)  # width -> a pass over [y, nodes] with a tree mask
+
+    def verify_ms(self, width: int) -> float:
+        return self.verify[min(width, len(self.verify) - 1)]
+
+    def chain_draft_ms(self, drafted: int, k: int | None = None) -> float:
+        """propose() for a chain of `drafted` of k tokens: one call feeds the verified positions,
+        one call per further token, and the LM head per token looked at (one more where the chain
+        is cut)."""
+        n = drafted + (k is not None and drafted < k)
+        return (self.draft_call + self.draft_logits) * n
+
+    def tree_ms(self, shape: tuple[int, int, int]) -> float:
+        """A tree pass: feeding the verified positions, drafting the tree, verifying it."""
+        width = shape[2] + 1
+        return self.draft_call + self.tree_draft[shape] + self.tree_verify.get(width, self.verify_ms(width))
+
+
+@torch.inference_mode()
+def measure_costs(target: Target, head: DraftHead, context: list[int], max_width: int, reps: int = 7,
+                  shapes=(), trees: dict | None = None) -> Costs:
+    """This machine's costs on a `context`-token text. Interleaved repeats (every width once per
+    round) so that machine noise hits all alike. shapes: tree shapes (depth, topk, nodes) whose
+    draft is timed and whose verify pass is timed with its tree mask; trees: more trees by width
+    to time the verify pass of (tune passes the ones it replays)."""
+    from tide.speculative import target_forward  # tide.speculative imports this module
+
+    cache = DynamicCache(config=target.config)
+    target_forward(target, torch.tensor([context]), cache, hidden=False)
+    n = len(context)
+    embed, x = target.embed, torch.tensor(context)
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - t0)
+
+    def step(width: int, hidden: bool):
+        target_forward(target, x[None, -width:], cache, hidden=hidden)
+        keep_cache_rows(cache, n, [])
+
+    def tree_step(tree):
+        ids, positions, mask = verify_inputs(tree, context[-1], n, target.model.dtype)
+        target_forward(target, ids, cache, position_ids=positions, attention_mask=mask)
+        keep_cache_rows(cache, n, [])
+
+    draft_cache = DraftCache()
+    feats = target_forward(target, x[None, :-1], DynamicCache(config=target.config)).features
+    head(head.fuse(feats[None, :-1]), embed(x[None, 1:-1]), torch.arange(n - 2), draft_cache)
+    hidden = head.fuse(feats[None, -1:])
+
+    def draft_call():
+        head(hidden, embed(x[None, -1:]), torch.tensor([n - 2]), draft_cache)
+        draft_cache.crop(n - 2)
+
+    def draft_logits():
+        torch.softmax(head.logits(hidden)[0, -1].float(), dim=-1).argmax()
+
+    def tree_draft(shape):
+        last, _ = head(hidden, embed(x[None, -1:]), torch.tensor([n - 2]), draft_cache)
+        tree = propose_tree(head, embed, last, draft_cache, n - 1, *shape)
+        draft_cache.crop(n - 2)
+        return tree
+
+    trees = dict(trees or {})
+    for shape in shapes:
+        tree = tree_draft(shape)
+        trees.setdefault(len(tree) + 1, tree)
+    samples: dict = {}
+    for _ in range(reps):
+        samples.setdefault("step", []).append(timed(lambda: step(1, False)))
+        for w in range(1, max_width + 1):
+            samples.setdefault(w, []).append(timed(lambda: step(w, True)))
+        for w, tree in trees.items():
+            samples.setdefault(("tree", w), []).append(timed(lambda: tree_step(tree)))
+        for shape in shapes:
+            samples.setdefault(("draft", shape), []).append(timed(lambda: tree_draft(shape)))
+        samples.setdefault("call", []).append(timed(draft_call))
+        samples.setdefault("logits", []).append(timed(draft_logits))
+        samples.setdefault("lookup", []).append(timed(lambda: lookup_draft(x, 3, 2, 5, 16)))
+    med = {key: statistics.median(v) for key, v in samples.items()}
+    return Costs(med["step"], [0.0] + [med[w] for w in range(1, max_width + 1)], med["call"], med["logits"],
+                 lookup=med["lookup"],
+                 # a tree draft as timed here includes the call that feeds the position
+                 tree_draft={s: max(0.0, med[("draft", s)] - med["call"]) for s in shapes},
+                 tree_verify={w: med[("tree", w)] for w in trees})
+
+
+TOPS = 4  # the head's chain passes record whether the target's token was among its best 1..TOPS
+
+
+class Acceptance:
+    """How often draft position i is accepted when the pass gets that far, as decayed counts over
+    a prior: r_i = (ok_i + prior * p0) / (reached_i + prior). For the head it also counts how
+    often the target's token at i was among the head's best t (t = 1..TOPS), which prices the
+    trees it could have drafted instead (a one-level tree of t accepts exactly that often)."""
+
+    def __init__(self, positions: int, p0: float = 0.5, prior: float = 2.0):
+        self.p0, self.prior = p0, prior
+        self.reached = [0.0] * positions
+        self.hits = [[0.0] * positions for _ in range(TOPS)]  # hits[t - 1][i]: among the best t
+
+    def coverage(self, i: int, t: int = 1) -> float:
+        """P(the target's token at position i is among the head's best t | the pass got to i)."""
+        t = min(t, TOPS)
+        p0 = self.p0 + (1 - self.p0) * (t - 1) / TOPS
+        return (self.hits[t - 1][i] + self.prior * p0) / (self.reached[i] + self.prior)
+
+    def rates(self, n: int | None = None) -> list[float]:
+        return [self.coverage(i) for i in range(len(self.reached) if n is None else min(n, len(self.reached)))]
+
+    def gains(self, n: int, widths=None) -> list[float]:
+        """gains[g-1]: the accepted tokens a draft of g is expected to bring, g = 1..n; widths[i]:
+        candidates at depth i (a tree's), 1 for a chain."""
+        out, run, total = [], 1.0, 0.0
+        for i in range(min(n, len(self.reached))):
+            run *= self.coverage(i, widths[i] if widths else 1)
+            total += run
+            out.append(total)
+        return out
+
+    def observe(self, drafted: int, accepted: int, miss_rank: int | None = None) -> None:
+        """miss_rank: where the target's token at the first rejected position stood among the
+        draft's best (0-based; None: not known or not among them)."""
+        for i in range(min(accepted + 1, drafted, len(self.reached))):
+            self.reached[i] += 1.0
+            for t in range(TOPS):
+                self.hits[t][i] += float(i < accepted or (miss_rank is not None and miss_rank <= t))
+
+    def decay(self, f: float) -> None:
+        self.reached = [v * f for v in self.reached]
+        self.hits = [[v * f for v in row] for row in self.hits]
+
+
+def tree_widths(shape: tuple[int, int, int]) -> list[int]:
+    """Candidates a tree (depth, topk, nodes) holds at each depth, roughly: topk at the first,
+    the other nodes spread over the deeper levels (the tree keeps the likeliest paths)."""
+    depth, topk, nodes = shape
+    first = min(topk, nodes)
+    rest = nodes - first
+    return [first] + [max(1, min(topk, rest // (depth - 1))) for _ in range(depth - 1)]
+
+
+class FixedPolicy:
+    """The configured order: the history's copy, prompt lookup, the history's chain, then the
+    head's tree (`decode.tree_topk` > 1, greedy) or chain of `decode.k`."""
+
+    def __init__(self, params: DecodeConfig):
+        self.params = params
+        self.counts: dict[str, int] = {}
+
+    def choose(self, offers: dict[str, list[int]], room: int, tree_ok: bool) -> Choice:
+        p = self.params
+        for source in COPIES:
+            if offers.get(source):
+                return Choice(source, len(offers[source]))
+        if tree_ok and p.tree_topk > 1:
+            shape = (p.k, p.tree_topk, min(p.tree_tokens, room))
+            return Choice(TREE, shape[2], shape)
+        return Choice(HEAD, min(p.k, room))
+
+    def observe(self, choice: Choice, accepted: int, draft_s: float, verify_s: float,
+                miss_rank: int | None = None) -> None:
+        self.counts[choice.label] = self.counts.get(choice.label, 0) + 1
+
+    def head_changed(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {"policy": "fixed", "choices": dict(self.counts)}
+
+
+class AdaptivePolicy:
+    """Each pass: the option with the most expected tokens per millisecond (module docstring).
+
+    costs: this machine's (measure_costs); max_k: the longest head chain; shapes: the tree shapes
+    it may draft; decay: how much of the counts each pass keeps (0.995: about the last 200 passes
+    weigh). Not thread-safe: one decode loop uses it at a time (the replica's decode lock)."""
+
+    def __init__(self, costs: Costs, max_k: int, shapes=(), max_copy: int = 16, decay: float = 0.995,
+                 seed: int = 0):
+        self.costs, self.max_k, self.decay = costs, max_k, decay
+        widest = len(costs.verify) - 2  # the widest measured pass checks this many drafts
+        self.max_k = min(max_k, widest)
+        self.max_copy = min(max_copy, widest)
+        self.shapes = [s for s in shapes if s in costs.tree_draft and s[2] <= widest]
+        self.sources = {HEAD: Acceptance(self.max_k), **{c: Acceptance(self.max_copy) for c in COPIES}}
+        # a tree's mean accepted tokens (decayed sum, weight); its prior: the chain of its depth
+        self.trees = {s: [0.0, 0.0] for s in self.shapes}
+        self.counts: dict[str, int] = {}
+        self.passes = 0
+        self.predicted_tokens = self.tokens = 0.0
+        self.predicted_ms = self.ms = 0.0
+        self.rng = random.Random(seed)  # breaks exact ties only
+
+    def _tree_gain(self, shape) -> float:
+        """Observed mean accepted tokens of this tree, over a prior from the head's chain
+        passes (how often the target's token was among its best t at each depth)."""
+        total, weight = self.trees[shape]
+        gains = self.sources[HEAD].gains(shape[0], tree_widths(shape))
+        prior = gains[-1] if gains else 0.0
+        return (total + prior) / (weight + 1.0)
+
+    def options(self, offers: dict[str, list[int]], room: int, tree_ok: bool) -> list[Choice]:
+        c = self.costs
+        out = [Choice(NONE, 0, None, 1.0, c.verify_ms(1))]
+        for g, gain in enumerate(self.sources[HEAD].gains(min(self.max_k, room)), 1):
+            out.append(Choice(HEAD, g, None, 1.0 + gain, c.chain_draft_ms(g) + c.verify_ms(g + 1)))
+        if tree_ok:
+            for s in self.shapes:
+                if s[2] <= room:
+                    out.append(Choice(TREE, s[2], s, 1.0 + self._tree_gain(s), c.tree_ms(s)))
+        for source in COPIES:
+            tokens = offers.get(source) or []
+            for g, gain in enumerate(self.sources[source].gains(min(len(tokens), room, self.max_copy)), 1):
+                out.append(Choice(source, g, None, 1.0 + gain, c.verify_ms(g + 1)))
+        return out
+
+    def choose(self, offers: dict[str, list[int]], room: int, tree_ok: bool) -> Choice:
+        return max(self.options(offers, room, tree_ok), key=lambda o: (o.expected / o.cost_ms, self.rng.random()))
+
+    def observe(self, choice: Choice, accepted: int, draft_s: float, verify_s: float,
+                miss_rank: int | None = None) -> None:
+        for tracker in self.sources.values():
+            tracker.decay(self.decay)
+        for s in self.trees.values():
+            s[0] *= self.decay
+            s[1] *= self.decay
+        if choice.source == TREE:
+            self.trees[choice.shape][0] += accepted
+            self.trees[choice.shape][1] += 1.0
+        elif choice.source != NONE:
+            self.sources[choice.source].observe(choice.length, accepted, miss_rank)
+        self.counts[choice.label] = self.counts.get(choice.label, 0) + 1
+        self.passes += 1
+        self.predicted_tokens += choice.expected
+        self.predicted_ms += choice.cost_ms
+        self.tokens += accepted + 1
+        self.ms += 1000 * (draft_s + verify_s)
+
+    def head_changed(self) -> None:
+        """A new draft serves: what was learned of the old one's acceptance no longer holds."""
+        self.sources[HEAD] = Acceptance(self.max_k)
+        self.trees = {s: [0.0, 0.0] for s in self.shapes}
+
+    def stats(self) -> dict:
+        """Choices so far, acceptance per source and position, predicted and measured speedup
+        (tokens per target step, the target alone's step as measured at startup)."""
+        c = self.costs
+        step = c.target_step
+
+        def speedup(tokens, ms):
+            return round(tokens * step / ms, 3) if ms else None
+
+        return {
+            "policy": "auto", "passes": self.passes, "choices": dict(self.counts),
+            "acceptance": {name: [round(r, 3) for r in t.rates(4)] for name, t in self.sources.items()},
+            "tree_accepted": {":".join(map(str, s)): round(self._tree_gain(s), 3) for s in self.shapes},
+            "predicted_speedup": speedup(self.predicted_tokens, self.predicted_ms),
+            "measured_speedup": speedup(self.tokens, self.ms),
+            "costs_ms": {"target_step": round(step, 2), "verify": [round(v, 2) for v in c.verify[1:]],
+                         "draft_call": round(c.draft_call, 3), "draft_logits": round(c.draft_logits, 3)},
+        }
+
+
+def policy_from_config(params: DecodeConfig, target: Target, head: DraftHead, max_context: int,
+                       reps: int = 5, seed: int = 0):
+    """The policy `decode.policy` names, its costs measured here on a 256-token text (auto); None
+    for fixed (each request then follows its own parameters)."""
+    from tide.config import tree_shapes
+
+    if params.policy == "fixed":
+        return None
+    shapes = tree_shapes(params.trees)
+    max_copy = max(params.lookup_k if params.lookup_ngram else 0, params.history_k, params.k)
+    widest = 1 + max(max_copy, *(n for _, _, n in shapes))
+    n = max(16, min(256, max_context // 2))
+    context = torch.randint(0, target.config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
+    costs = measure_costs(target, head, context.tolist(), widest, reps, shapes)
+    return AdaptivePolicy(costs, params.k, shapes, max_copy, seed=seed)
