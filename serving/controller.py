@@ -89,16 +89,17 @@ class Controller:
         from trainers.actor import TrainerActor
 
         cfg = to_dict(self.cfg)
-        # 0 logical CPUs: replicas and the trainer share the machine's cores by threads
+        # 0 logical CPUs: replicas share the machine's cores by threads. The trainer asks for
+        # online.num_cpus / num_gpus: 0 shares them too (it yields to serving, online.busy_share)
         self.actors = [ServingActor.options(name=f"tide-serve-{i}", num_cpus=0).remote(
             cfg, self.redis_url, f"r{i}") for i in range(self.cfg.serving.replicas)]
-        if self.cfg.online.enabled:
-            self.trainer = TrainerActor.options(name="tide-trainer", num_cpus=0, max_restarts=-1,
-                                                max_task_retries=0).remote(cfg, self.redis_url)
-        log.info("loading the target in %d replica(s)%s ...", len(self.actors),
-                 " and the trainer" if self.trainer else "")
+        log.info("loading the target in %d replica(s) and measuring what passes cost ...", len(self.actors))
         ray.get([a.ready.remote() for a in self.actors])
-        if self.trainer is not None:
+        if self.cfg.online.enabled:  # after the replicas: their cost measurements run undisturbed
+            oc = self.cfg.online
+            self.trainer = TrainerActor.options(name="tide-trainer", num_cpus=oc.num_cpus, num_gpus=oc.num_gpus,
+                                                max_restarts=-1, max_task_retries=0).remote(cfg, self.redis_url)
+            log.info("starting the online trainer ...")
             ray.get(self.trainer.ready.remote())
 
     def _start_http(self) -> None:

@@ -145,7 +145,9 @@ def measure_costs(target: Target, head: DraftHead, context: list[int], max_width
         tree = tree_draft(shape)
         trees.setdefault(len(tree) + 1, tree)
     samples: dict = {}
-    for _ in range(reps):
+    for rep in range(reps + 1):  # the first round warms caches and allocators up, and is dropped
+        if rep == 1:
+            samples.clear()
         samples.setdefault("step", []).append(timed(lambda: step(1, False)))
         for w in range(1, max_width + 1):
             samples.setdefault(w, []).append(timed(lambda: step(w, True)))
@@ -169,30 +171,34 @@ TOPS = 4  # the head's chain passes record whether the target's token was among 
 
 class Acceptance:
     """How often draft position i is accepted when the pass gets that far, as decayed counts over
-    a prior: r_i = (ok_i + prior * p0) / (reached_i + prior). For the head it also counts how
-    often the target's token at i was among the head's best t (t = 1..TOPS), which prices the
-    trees it could have drafted instead (a one-level tree of t accepts exactly that often)."""
+    a prior: r_i = (ok_i + prior * r_{i-1}) / (reached_i + prior), r_{-1} = p0 (a position not
+    seen yet is taken to do as well as the one before it, not better). For the head it also
+    counts how often the target's token at i was among the head's best t (t = 1..TOPS), which
+    prices the trees it could have drafted instead (a one-level tree of t accepts that often)."""
 
     def __init__(self, positions: int, p0: float = 0.5, prior: float = 2.0):
         self.p0, self.prior = p0, prior
         self.reached = [0.0] * positions
         self.hits = [[0.0] * positions for _ in range(TOPS)]  # hits[t - 1][i]: among the best t
+        self._rates: dict[int, list[float]] = {}  # by t, until the counts change
 
-    def coverage(self, i: int, t: int = 1) -> float:
+    def rates(self, t: int = 1) -> list[float]:
         """P(the target's token at position i is among the head's best t | the pass got to i)."""
         t = min(t, TOPS)
-        p0 = self.p0 + (1 - self.p0) * (t - 1) / TOPS
-        return (self.hits[t - 1][i] + self.prior * p0) / (self.reached[i] + self.prior)
-
-    def rates(self, n: int | None = None) -> list[float]:
-        return [self.coverage(i) for i in range(len(self.reached) if n is None else min(n, len(self.reached)))]
+        if t not in self._rates:
+            out, prev = [], self.p0 + (1 - self.p0) * (t - 1) / TOPS
+            for hits, reached in zip(self.hits[t - 1], self.reached):
+                prev = (hits + self.prior * prev) / (reached + self.prior)
+                out.append(prev)
+            self._rates[t] = out
+        return self._rates[t]
 
     def gains(self, n: int, widths=None) -> list[float]:
         """gains[g-1]: the accepted tokens a draft of g is expected to bring, g = 1..n; widths[i]:
         candidates at depth i (a tree's), 1 for a chain."""
         out, run, total = [], 1.0, 0.0
         for i in range(min(n, len(self.reached))):
-            run *= self.coverage(i, widths[i] if widths else 1)
+            run *= self.rates(widths[i] if widths else 1)[i]
             total += run
             out.append(total)
         return out
@@ -204,10 +210,12 @@ class Acceptance:
             self.reached[i] += 1.0
             for t in range(TOPS):
                 self.hits[t][i] += float(i < accepted or (miss_rank is not None and miss_rank <= t))
+        self._rates.clear()
 
     def decay(self, f: float) -> None:
         self.reached = [v * f for v in self.reached]
         self.hits = [[v * f for v in row] for row in self.hits]
+        self._rates.clear()
 
 
 def tree_widths(shape: tuple[int, int, int]) -> list[int]:
@@ -332,7 +340,7 @@ class AdaptivePolicy:
 
         return {
             "policy": "auto", "passes": self.passes, "choices": dict(self.counts),
-            "acceptance": {name: [round(r, 3) for r in t.rates(4)] for name, t in self.sources.items()},
+            "acceptance": {name: [round(r, 3) for r in t.rates()[:4]] for name, t in self.sources.items()},
             "tree_accepted": {":".join(map(str, s)): round(self._tree_gain(s), 3) for s in self.shapes},
             "predicted_speedup": speedup(self.predicted_tokens, self.predicted_ms),
             "measured_speedup": speedup(self.tokens, self.ms),

@@ -14,7 +14,7 @@ import torch
 
 from tide.config import from_dict
 from tide.models import load_target
-from tide.transport.redis_transport import RedisRecordStream, RedisWeightChannel, connect
+from tide.transport.redis_transport import RedisLoadBoard, RedisRecordStream, RedisWeightChannel, connect
 from trainers.online import OnlineTrainer
 
 
@@ -31,7 +31,7 @@ class TrainerActor:
         self._lock = threading.Lock()
         self.trainer = OnlineTrainer(self.cfg, target, RedisRecordStream(client, prefix, self.cfg.redis.stream_maxlen),
                                      RedisWeightChannel(client, prefix), consumer=f"trainer-{os.getpid()}",
-                                     on_metrics=self._collect)
+                                     on_metrics=self._collect, load=RedisLoadBoard(client, prefix))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="online-trainer", daemon=True)
         self._thread.start()

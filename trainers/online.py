@@ -8,6 +8,8 @@ average of served acceptance length. Training runs while
 Eval gate: every `eval_every` steps the candidate and the serving draft are scored on the same
 held-out records (simulated acceptance length, tide's train step metrics); the candidate is
 published as the next version only if it wins by `gate_margin`.
+Idle compute (TLT): while any replica is serving requests (the load board), the trainer trains at
+most `busy_share` of the time and sleeps the rest; while they all idle it trains at full speed.
 Training uses the same `train_step` as the offline warm start; only the batch source differs:
 half of each batch from the newest records (the traffic as it is now), half replayed from the
 buffer, at `online.lr` (fine-tuning a warm head at the warm start's rate undid it).
@@ -51,8 +53,11 @@ class DriftDetector:
 
 class OnlineTrainer:
     def __init__(self, cfg: TideConfig, target: Target, stream, weights, consumer: str = "trainer-0",
-                 on_metrics=None):
+                 on_metrics=None, load=None):
         self.cfg, self.target, self.stream, self.weights = cfg, target, stream, weights
+        self.load = load  # a LoadBoard: replicas serving now (None: never yield)
+        self.train_s = {"busy": 0.0, "idle": 0.0}  # time spent training while serving was busy / idle
+        self.yielded_s = 0.0  # time spent not training because serving was busy
         self.consumer, self.on_metrics = consumer, on_metrics or (lambda m: None)
         self.head, self.version = self._initial_head()
         self.head.float()
@@ -203,12 +208,35 @@ class OnlineTrainer:
         self.on_metrics({"trainer/published_version": version})
         log.info("published draft v%d (held-out sim. acceptance %s)", version, self.last_gate)
 
+    def serving_busy(self) -> bool:
+        """Whether a replica is serving requests now (unknown counts as busy: serving first)."""
+        if self.load is None or self.cfg.online.busy_share >= 1:
+            return False
+        try:
+            return self.load.busy() > 0
+        except TransportError:
+            return True
+
     def run(self, stop: threading.Event) -> None:
+        share = self.cfg.online.busy_share
         while not stop.is_set():
             try:
                 self.ingest(block_ms=50 if self.should_train() else 500)
-                if self.should_train():
-                    self.train_once()
+                if not self.should_train():
+                    continue
+                busy = self.serving_busy()
+                if busy and share <= 0:
+                    self.yielded_s += 0.1
+                    stop.wait(0.1)
+                    continue
+                t0 = time.monotonic()
+                self.train_once()
+                spent = time.monotonic() - t0
+                self.train_s["busy" if busy else "idle"] += spent
+                if busy or self.serving_busy():  # keep to busy_share of the time while serving
+                    pause = spent * (1 - share) / share
+                    self.yielded_s += pause
+                    stop.wait(pause)
             except TransportError as e:
                 log.warning("redis unreachable, retrying: %s", e)
                 stop.wait(1.0)
@@ -221,4 +249,6 @@ class OnlineTrainer:
             "ema_short": self.drift.short, "ema_long": self.drift.long, "last_gate": self.last_gate,
             "last_loss": self.last_train["loss"] if self.last_train else None,
             "published": self.published[-20:], "enabled": self.cfg.online.enabled,
+            "train_s_busy": round(self.train_s["busy"], 1), "train_s_idle": round(self.train_s["idle"], 1),
+            "yielded_s": round(self.yielded_s, 1), "serving_busy": self.serving_busy(),
         }

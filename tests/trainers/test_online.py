@@ -152,3 +152,49 @@ def test_starts_on_a_bf16_target_whose_linears_take_tide_kernels():
     cfg.draft.vocab_size = 96
     trainer = OnlineTrainer(cfg, target, MemoryRecordStream(), MemoryWeightChannel())
     assert trainer.serving_head is not trainer.head and trainer.version == 0
+
+
+def test_trains_on_idle_compute_and_yields_while_replicas_serve():
+    """busy_share=0: no step while a replica is marked busy, full speed once it is idle; a mark
+    that is not refreshed expires (a dead replica is not busy). busy_share=0.5: after each step
+    taken while serving, a pause as long as the step."""
+    import threading
+    import time
+
+    from tide.transport.memory import MemoryLoadBoard
+
+    target = tiny_target(init=0.3)
+    cfg = TideConfig()
+    cfg.draft.vocab_size = 96
+    cfg.train.batch_size, cfg.train.ttt_steps = 4, 2
+    cfg.online.min_records, cfg.online.goal_accept_len, cfg.online.busy_share = 4, 100.0, 0.0
+    stream, board = MemoryRecordStream(), MemoryLoadBoard()
+    for r in _records(target, new_head(target, 96), 12):
+        stream.append(r.to_bytes())
+    trainer = OnlineTrainer(cfg, target, stream, MemoryWeightChannel(), load=board)
+    board.mark("r0", True, ttl_s=60)
+    stop = threading.Event()
+    thread = threading.Thread(target=trainer.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        assert trainer.should_train() and trainer.steps == 0 and trainer.yielded_s > 0
+        board.mark("r0", True, ttl_s=0.2)  # the replica stops refreshing its mark
+        deadline = time.time() + 20
+        while trainer.steps < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        assert trainer.steps >= 3 and trainer.train_s["idle"] > 0 and trainer.train_s["busy"] == 0
+    finally:
+        stop.set()
+        thread.join(10)
+    cfg.online.busy_share = 0.5
+    board.mark("r0", True, ttl_s=60)
+    before = trainer.yielded_s
+    stop = threading.Event()
+    thread = threading.Thread(target=trainer.run, args=(stop,), daemon=True)
+    thread.start()
+    time.sleep(1.5)
+    stop.set()
+    thread.join(10)
+    assert trainer.train_s["busy"] > 0
+    assert trainer.yielded_s - before >= 0.8 * trainer.train_s["busy"]  # half the time, at most

@@ -40,3 +40,12 @@ class WeightChannel(Protocol):
     def latest_version(self) -> int: ...  # 0 when nothing was published
 
     def fetch(self, version: int) -> tuple[bytes, dict] | None: ...
+
+
+class LoadBoard(Protocol):
+    """Which replicas are serving requests now, so that a trainer sharing their machine can back
+    off (`online.busy_share`). A replica's mark expires by itself (a dead replica is not busy)."""
+
+    def mark(self, replica: str, busy: bool, ttl_s: float) -> None: ...
+
+    def busy(self) -> int: ...  # replicas marked busy and not expired

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 
 
@@ -71,3 +72,18 @@ class MemoryWeightChannel:
 
     def fetch(self, version: int) -> tuple[bytes, dict] | None:
         return self._versions.get(version)
+
+
+class MemoryLoadBoard:
+    def __init__(self):
+        self._until: dict[str, float] = {}
+
+    def mark(self, replica: str, busy: bool, ttl_s: float) -> None:
+        if busy:
+            self._until[replica] = time.monotonic() + ttl_s
+        else:
+            self._until.pop(replica, None)
+
+    def busy(self) -> int:
+        now = time.monotonic()
+        return sum(1 for t in self._until.values() if t > now)

@@ -8,12 +8,14 @@ Keys (prefix from config, default "tide"):
   {p}:weights:version  the newest published draft version (int; only ever moves forward)
   {p}:weights:{v}      safetensors bytes of version v (older versions expire)
   {p}:weights:{v}:meta JSON metadata of version v
+  {p}:busy             sorted set: replica -> when its "serving requests" mark expires (unix s)
 Payloads are bytes only; nothing is pickled.
 """
 
 from __future__ import annotations
 
 import json
+import time
 
 import redis
 
@@ -148,3 +150,24 @@ class RedisWeightChannel:
         if data is None:
             return None
         return data, json.loads(meta) if meta else {}
+
+
+class RedisLoadBoard:
+    def __init__(self, client: redis.Redis, prefix: str = "tide"):
+        self.r = client
+        self.key = f"{prefix}:busy"
+
+    def mark(self, replica: str, busy: bool, ttl_s: float) -> None:
+        try:
+            if busy:
+                self.r.zadd(self.key, {replica: time.time() + ttl_s})
+            else:
+                self.r.zrem(self.key, replica)
+        except redis.RedisError as e:
+            raise TransportError(f"load mark failed: {e}") from e
+
+    def busy(self) -> int:
+        try:
+            return int(self.r.zcount(self.key, time.time(), "+inf"))
+        except redis.RedisError as e:
+            raise TransportError(f"load read failed: {e}") from e
