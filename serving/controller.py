@@ -41,6 +41,7 @@ class Controller:
         self.wandb_run = None
         self.started_at = time.time()
         self._prev: dict | None = None
+        self._prev_choices: dict[str, int] = {}  # the policies' passes by source at the last tick
         self._stream = None  # the records stream, for its length in status
 
     # -- start ------------------------------------------------------------------------------
@@ -173,6 +174,7 @@ class Controller:
         dpos = [a - b for a, b in zip(per_pos, prev["per_pos"])]
         self._prev = {**tot, "per_pos": per_pos}
         versions = [r["draft_version"] for r in replicas]
+        policy = self._policy_window(replicas)
         row = {"t": round(time.time(), 3), "elapsed_s": round(time.time() - self.started_at, 1),
                "draft_version": max(versions), "requests": tot["requests_ok"],
                "generated_tokens": tot["generated_tokens"]}
@@ -181,6 +183,28 @@ class Controller:
             row["tok_s"] = round(d["generated_tokens"] / max(d["decode_s"], 1e-9), 2)
             for i, v in enumerate(dpos):
                 row[f"accept_rate_pos{i}"] = round(v / d["drafts"], 4)
+        row.update(policy)
+        return row
+
+    def _policy_window(self, replicas: list[dict]) -> dict:
+        """The policy's choices over the last tick (share of passes by source) and its predicted
+        and measured speedup so far (passes-weighted mean over replicas)."""
+        policies = [r["policy"] for r in replicas if r.get("policy", {}).get("policy") == "auto"]
+        if not policies:
+            return {}
+        by_source: dict[str, int] = {}
+        for p in policies:
+            for choice, n in p["choices"].items():
+                by_source[choice.split(":")[0]] = by_source.get(choice.split(":")[0], 0) + n
+        prev, self._prev_choices = self._prev_choices, by_source
+        window = {k: n - prev.get(k, 0) for k, n in by_source.items()}
+        total = sum(window.values())
+        row = {f"policy_{k}_share": round(n / total, 4) for k, n in window.items()} if total else {}
+        passes = sum(p["passes"] for p in policies)
+        for kind in ("predicted", "measured"):
+            vals = [(p[f"{kind}_speedup"], p["passes"]) for p in policies if p.get(f"{kind}_speedup")]
+            if vals and passes:
+                row[f"{kind}_speedup"] = round(sum(v * n for v, n in vals) / sum(n for _, n in vals), 4)
         return row
 
     def _stream_length(self) -> int | None:
@@ -206,6 +230,10 @@ class Controller:
             "acceptance_ema": [r.get("accept_len_ema") for r in replicas],
             "last_window": row, "stream_length": stream_len,
             "trainer_step": (trainer or {}).get("trainer_step"),
+            # what each replica's speculation policy drafts, and its predicted vs measured speedup
+            "policy": [{"replica": r["replica"], **{k: r["policy"].get(k) for k in
+                        ("choices", "predicted_speedup", "measured_speedup", "acceptance")}}
+                       for r in replicas if r.get("policy")],
             "last_swap": max(({"at": r["last_swap_at"], "latency_s": r["last_swap_latency_s"],
                                "replica": r["replica"]} for r in replicas if r.get("last_swap_at")),
                              key=lambda s: s["at"], default=None),

@@ -89,7 +89,9 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 def _usage(result: dict) -> dict:
     return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": len(result["tokens"]),
             "total_tokens": result["prompt_tokens"] + len(result["tokens"]),
-            "tide": {"draft_version": result["draft_version"], "drafted_tokens": result["drafted"],
+            "tide": {"draft_version": result["draft_version"],
+                     "draft_versions": result.get("draft_versions", [result["draft_version"]]),
+                     "drafted_tokens": result["drafted"],
                      "accepted_tokens": result["accepted"], "verify_passes": result["verify_passes"],
                      "acceptance_length": result["accept_len"], "replica": result["replica"]}}
 

@@ -19,9 +19,46 @@ def _percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
+def _post(http: httpx.Client, path: str, body: dict, stream: bool) -> dict:
+    """One request; streamed, the time to its first text chunk is measured too."""
+    t0 = time.monotonic()
+    if not stream:
+        r = http.post(path, json=body)
+        res = {"status": r.status_code, "latency_s": time.monotonic() - t0}
+        if r.status_code == 200:
+            res["usage"] = r.json()["usage"]
+        else:
+            res["error"] = r.text[:200]
+        return res
+    res = {"status": 0}
+    with http.stream("POST", path, json={**body, "stream": True}) as r:
+        res["status"] = r.status_code
+        if r.status_code != 200:
+            res["error"] = r.read().decode(errors="replace")[:200]
+        for line in r.iter_lines() if r.status_code == 200 else ():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                res.update(status=500, error=str(event["error"].get("message"))[:200])
+                break
+            c = event["choices"][0]
+            if "ttft_s" not in res and (c.get("text") or c.get("delta", {}).get("content")):
+                res["ttft_s"] = time.monotonic() - t0
+            if "usage" in event:
+                res["usage"] = event["usage"]
+    res["latency_s"] = time.monotonic() - t0
+    if res["status"] == 200 and "usage" not in res:
+        res.update(status=0, error="the stream ended without its final chunk")
+    return res
+
+
 def run_load(url: str, prompts: list[Prompt], concurrency: int = 1, requests: int | None = None,
              duration_s: float | None = None, max_tokens: int = 128, temperature: float = 0.0,
-             api_key: str | None = None, timeout_s: float = 300.0, on_result=None) -> dict:
+             api_key: str | None = None, timeout_s: float = 300.0, on_result=None, stream: bool = False) -> dict:
+    """C clients send the prompts in order (cycling) until `requests` are sent or `duration_s`
+    is over (requests=None and no duration: each prompt once). stream: SSE, time to first token
+    measured."""
     if requests is None and duration_s is None:
         requests = len(prompts)
     deadline = time.monotonic() + duration_s if duration_s else None
@@ -51,16 +88,14 @@ def run_load(url: str, prompts: list[Prompt], concurrency: int = 1, requests: in
                     path, body["prompt"] = "/v1/completions", p.text
                 t0 = time.monotonic()
                 try:
-                    r = http.post(path, json=body)
-                    res = {"status": r.status_code, "latency_s": time.monotonic() - t0, "t": time.time()}
-                    if r.status_code == 200:
-                        u = r.json()["usage"]
+                    res = _post(http, path, body, stream)
+                    if res["status"] == 200:
+                        u = res.pop("usage")
                         res.update(tokens=u["completion_tokens"], **{k: u["tide"][k] for k in (
                             "accepted_tokens", "drafted_tokens", "verify_passes", "draft_version")})
-                    else:
-                        res["error"] = r.text[:200]
-                except httpx.HTTPError as e:
-                    res = {"status": 0, "latency_s": time.monotonic() - t0, "error": str(e), "t": time.time()}
+                except (httpx.HTTPError, ValueError, KeyError) as e:
+                    res = {"status": 0, "latency_s": time.monotonic() - t0, "error": f"{type(e).__name__}: {e}"}
+                res["t"] = time.time()
                 with lock:
                     results.append(res)
                 if on_result:
@@ -73,15 +108,24 @@ def run_load(url: str, prompts: list[Prompt], concurrency: int = 1, requests: in
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
+    report = summarize(results, wall)
+    report.update(url=url, concurrency=concurrency)
+    return report
+
+
+def summarize(results: list[dict], wall: float) -> dict:
+    """Figures over request results (run_load's) that took `wall` seconds in all."""
     ok = [r for r in results if r["status"] == 200]
     lat = [r["latency_s"] for r in ok]
+    ttft = [r["ttft_s"] for r in ok if "ttft_s" in r]
     passes = sum(r["verify_passes"] for r in ok)
     return {
-        "url": url, "concurrency": concurrency, "requests": len(results), "ok": len(ok),
+        "requests": len(results), "ok": len(ok), "tokens": sum(r["tokens"] for r in ok),
         "failed": len(results) - len(ok), "wall_s": round(wall, 2),
         "throughput_req_s": round(len(ok) / wall, 3) if wall else 0.0,
         "throughput_tok_s": round(sum(r["tokens"] for r in ok) / wall, 2) if wall else 0.0,
         "latency_p50_s": _percentile(lat, 50), "latency_p99_s": _percentile(lat, 99),
+        "ttft_p50_s": _percentile(ttft, 50), "ttft_p99_s": _percentile(ttft, 99),
         "mean_accept_len": round((sum(r["accepted_tokens"] for r in ok) + passes) / passes, 3) if passes else None,
         "draft_versions": sorted({r["draft_version"] for r in ok}),
         "errors": sorted({r.get("error", "")[:120] for r in results if r["status"] != 200})[:5],

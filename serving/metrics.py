@@ -49,6 +49,17 @@ def prometheus_text(replicas: list[dict], http: dict) -> str:
     metric("tide_replica_requests_total", "counter", "requests finished by each replica, by status",
            [({"replica": r["replica"], "status": s}, r.get(f"requests_{s}", 0)) for r in replicas
             for s in ("ok", "failed", "rejected", "cancelled")])
+    policies = [(r["replica"], r["policy"]) for r in replicas if r.get("policy")]
+    metric("tide_policy_choices_total", "counter", "verify passes by what the speculation policy drafted",
+           [({"replica": name, "choice": c}, n) for name, p in policies for c, n in sorted(p["choices"].items())])
+    for kind in ("predicted", "measured"):
+        metric(f"tide_policy_{kind}_speedup", "gauge",
+               f"{kind} tokens per target-alone step over the replica's verify passes so far",
+               [({"replica": name}, p.get(f"{kind}_speedup")) for name, p in policies if "passes" in p])
+    metric("tide_policy_acceptance_rate", "gauge",
+           "acceptance of draft position i when reached, by source, as the policy estimates it",
+           [({"replica": name, "source": src, "position": i}, v) for name, p in policies
+            for src, rates in p.get("acceptance", {}).items() for i, v in enumerate(rates)])
     metric("tide_http_requests_total", "counter", "HTTP requests by status",
            [({"status": k}, v) for k, v in http.items()])
     return "\n".join(out) + "\n"

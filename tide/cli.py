@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     ld.add_argument("--duration", type=float, help="stop after S seconds")
     ld.add_argument("--max-tokens", type=int, default=128)
     ld.add_argument("--temperature", type=float, default=0.0)
+    ld.add_argument("--stream", action="store_true", help="stream (SSE): time to first token measured")
     ld.add_argument("--json", help="also write the report here")
     return ap
 
@@ -306,7 +307,7 @@ def cmd_load(args) -> int:
 
     report = run_load(args.url, prompts, args.concurrency, args.requests, args.duration,
                       args.max_tokens, args.temperature, api_key=os.environ.get("TIDE_API_KEY"),
-                      on_result=show)
+                      on_result=show, stream=args.stream)
     text = format_report(report)
     print(text)
     if args.json:

@@ -69,7 +69,7 @@ class DecodeConfig:
     # down to lookup_min_ngram, occurred before, the k tokens that followed are checked instead
     # of the head's draft; 0 = off. lookup_k: the longest copy; a copy proposes k tokens, or more,
     # up to lookup_k, as far as its match reaches back (0 = always k)
-    lookup_ngram: int = 0
+    lookup_ngram: int = 0  # conf/default.yaml, what every command loads, turns it on (3, up to 16)
     lookup_min_ngram: int = 2
     lookup_k: int = 0
     # drafts from earlier answers (tide.lookup.AnswerHistory) where prompt lookup finds none:

@@ -246,7 +246,7 @@ class FixedPolicy:
         return Choice(HEAD, min(p.k, room))
 
     def observe(self, choice: Choice, accepted: int, draft_s: float, verify_s: float,
-                miss_rank: int | None = None) -> None:
+                head_view: tuple[int, int, int | None] | None = None) -> None:
         self.counts[choice.label] = self.counts.get(choice.label, 0) + 1
 
     def head_changed(self) -> None:
@@ -264,8 +264,9 @@ class AdaptivePolicy:
     weigh). Not thread-safe: one decode loop uses it at a time (the replica's decode lock)."""
 
     def __init__(self, costs: Costs, max_k: int, shapes=(), max_copy: int = 16, decay: float = 0.995,
-                 seed: int = 0):
+                 seed: int = 0, search_ms: float = 0.0):
         self.costs, self.max_k, self.decay = costs, max_k, decay
+        self.search_ms = search_ms  # what every pass spends looking for copies, whatever it drafts
         widest = len(costs.verify) - 2  # the widest measured pass checks this many drafts
         self.max_k = min(max_k, widest)
         self.max_copy = min(max_copy, widest)
@@ -288,25 +289,27 @@ class AdaptivePolicy:
         return (total + prior) / (weight + 1.0)
 
     def options(self, offers: dict[str, list[int]], room: int, tree_ok: bool) -> list[Choice]:
-        c = self.costs
-        out = [Choice(NONE, 0, None, 1.0, c.verify_ms(1))]
+        c, base = self.costs, self.search_ms
+        out = [Choice(NONE, 0, None, 1.0, base + c.verify_ms(1))]
         for g, gain in enumerate(self.sources[HEAD].gains(min(self.max_k, room)), 1):
-            out.append(Choice(HEAD, g, None, 1.0 + gain, c.chain_draft_ms(g) + c.verify_ms(g + 1)))
+            out.append(Choice(HEAD, g, None, 1.0 + gain, base + c.chain_draft_ms(g) + c.verify_ms(g + 1)))
         if tree_ok:
             for s in self.shapes:
                 if s[2] <= room:
-                    out.append(Choice(TREE, s[2], s, 1.0 + self._tree_gain(s), c.tree_ms(s)))
+                    out.append(Choice(TREE, s[2], s, 1.0 + self._tree_gain(s), base + c.tree_ms(s)))
         for source in COPIES:
             tokens = offers.get(source) or []
             for g, gain in enumerate(self.sources[source].gains(min(len(tokens), room, self.max_copy)), 1):
-                out.append(Choice(source, g, None, 1.0 + gain, c.verify_ms(g + 1)))
+                out.append(Choice(source, g, None, 1.0 + gain, base + c.verify_ms(g + 1)))
         return out
 
     def choose(self, offers: dict[str, list[int]], room: int, tree_ok: bool) -> Choice:
         return max(self.options(offers, room, tree_ok), key=lambda o: (o.expected / o.cost_ms, self.rng.random()))
 
     def observe(self, choice: Choice, accepted: int, draft_s: float, verify_s: float,
-                miss_rank: int | None = None) -> None:
+                head_view: tuple[int, int, int | None] | None = None) -> None:
+        """head_view: for a pass the head drafted, what its chain did (positions judged,
+        accepted, rank of the target's token at the first miss; a tree's: tide.tree.chain_view)."""
         for tracker in self.sources.values():
             tracker.decay(self.decay)
         for s in self.trees.values():
@@ -315,8 +318,10 @@ class AdaptivePolicy:
         if choice.source == TREE:
             self.trees[choice.shape][0] += accepted
             self.trees[choice.shape][1] += 1.0
-        elif choice.source != NONE:
-            self.sources[choice.source].observe(choice.length, accepted, miss_rank)
+        elif choice.source not in (NONE, HEAD):
+            self.sources[choice.source].observe(choice.length, accepted)
+        if head_view is not None:
+            self.sources[HEAD].observe(*head_view)
         self.counts[choice.label] = self.counts.get(choice.label, 0) + 1
         self.passes += 1
         self.predicted_tokens += choice.expected
@@ -363,4 +368,5 @@ def policy_from_config(params: DecodeConfig, target: Target, head: DraftHead, ma
     n = max(16, min(256, max_context // 2))
     context = torch.randint(0, target.config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
     costs = measure_costs(target, head, context.tolist(), widest, reps, shapes)
-    return AdaptivePolicy(costs, params.k, shapes, max_copy, seed=seed)
+    return AdaptivePolicy(costs, params.k, shapes, max_copy, seed=seed,
+                          search_ms=costs.lookup if params.lookup_ngram else 0.0)

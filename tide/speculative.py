@@ -31,7 +31,7 @@ from tide.lookup import AnswerHistory, lookup_draft
 from tide.models import Target
 from tide.policy import HEAD, HISTORY, LOOKUP, NONE, RECALL, TOPS, TREE, FixedPolicy
 from tide.rejection import accept_greedy, accept_sampling, greedy_ids, target_probs
-from tide.tree import DraftTree, accept_tree_greedy, keep_cache_rows, propose_tree, verify_inputs
+from tide.tree import DraftTree, accept_tree_greedy, chain_view, keep_cache_rows, propose_tree, verify_inputs
 
 
 class ContextTooLong(TideError, ValueError):
@@ -305,6 +305,7 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
             out = verify_tree(target, s, dt)
             path, z = accept_tree_greedy(dt, out.logits)
             a, drafted = len(path), len(dt)
+            head_view = chain_view(dt, path)
             commit(s, out, [0, *(i + 1 for i in path)], dt.tokens[path], z, capture)
         else:
             if choice.source == HEAD:
@@ -320,10 +321,11 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
             a, z = accept(out, draft_tokens, draft_probs, params, gen)
             drafted = len(draft_tokens)
             commit(s, out, list(range(a + 1)), draft_tokens[:a], z, capture)
+            # the head's chain: where the target's token stood among its best at the first miss
+            miss = tops[a] if tops and a < len(tops) else ()
+            head_view = (drafted, a, miss.index(z) if z in miss else None) if choice.source == HEAD else None
         t2 = time.perf_counter()
-        # where the target's token stood among the head's best at its first miss (prices trees)
-        miss = tops[a] if choice.source == HEAD and tops and a < len(tops) else ()
-        policy.observe(choice, a, t1 - t0, t2 - t1, miss.index(z) if z in miss else None)
+        policy.observe(choice, a, t1 - t0, t2 - t1, head_view)
         if choice.source in (RECALL, HISTORY):
             g.history_passes += 1
             g.history_accepted += a

@@ -137,6 +137,24 @@ def follow(tree: DraftTree, next_token) -> list[int]:
     return path
 
 
+def sibling_ranks(tree: DraftTree, path: list[int]) -> list[int]:
+    """Each path node's rank among its siblings, 0 for its parent's likeliest child (a tree lists
+    siblings best first: parents before children, then by joint probability)."""
+    parents = tree.parents.tolist()
+    return [parents[:node].count(parents[node]) for node in path]
+
+
+def chain_view(tree: DraftTree, path: list[int]) -> tuple[int, int, int | None]:
+    """What the draft's chain (its likeliest child at every depth) would have done in this pass:
+    (positions judged, accepted, where the target's token stood among the siblings at the first
+    miss, None where the tree did not hold it)."""
+    ranks = sibling_ranks(tree, path)
+    accepted = next((i for i, r in enumerate(ranks) if r), len(ranks))
+    depth = int(tree.depths.max()) if len(tree) else 0
+    miss = ranks[accepted] if accepted < len(ranks) else None
+    return min(accepted + 1, depth), accepted, miss
+
+
 def accept_tree_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
     """logits: (N + 1, V) for [root, nodes]. Returns the accepted path (node indices, root's
     child first) and the token that follows it (the target's argmax after the path)."""

@@ -1,0 +1,251 @@
+"""The service benchmark: the target alone and the default service, each started with `tide up`,
+the same real prompts as fixed work (each prompt once per client count, streamed so that time to
+first token is measured), at 1 and 4 concurrent clients, in one run.
+
+    .venv/bin/python scripts/service_bench.py --out runs/service-bench            # cold draft
+    .venv/bin/python scripts/service_bench.py --out runs/sb-warm --draft runs/warm/draft
+    .venv/bin/python scripts/service_bench.py --out runs/sb-code --warmup-minutes 10 --workload humaneval
+
+The work goes in rounds of 2 x clients prompts that alternate between the two services (target
+alone first in even rounds, tide first in odd ones), so that the machine's noise hits both alike
+and every minute holds both. While the target alone serves a round, the bench marks it busy on
+tide's load board, as a replica sharing the machine would be: tide's trainer yields to it as it
+yields to tide's own replicas (online.busy_share), instead of training on the baseline's time.
+With --warmup-minutes, tide first serves that long from the first half of --workload (the
+baseline idles), then both serve its unseen second half. Reports per client count and per minute:
+tok/s, time to first token and latency p50/p99, failed requests, acceptance and the policy's
+choices; writes report.json and service-bench.png into --out. Loopback only, bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from serving.load import run_load, summarize  # noqa: E402
+from tide.prompts import load_prompts  # noqa: E402
+from tide.transport.redis_server import free_port  # noqa: E402
+from tide.transport.redis_transport import RedisLoadBoard, connect  # noqa: E402
+
+WORKLOADS = ("mt_bench", "alpaca", "humaneval", "gsm8k")
+
+
+def tide(*args) -> None:
+    r = subprocess.run([sys.executable, "-m", "tide.cli", *args], cwd=ROOT, text=True, capture_output=True)
+    if r.returncode != 0:
+        raise SystemExit(f"tide {' '.join(args[:3])} failed:\n{r.stderr[-3000:]}")
+
+
+def status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def prompts_of(args, half: str) -> list:
+    names = [args.workload] if args.workload else WORKLOADS
+    out = []
+    for name in names:
+        ps = load_prompts(Path(args.workloads) / f"{name}.jsonl")
+        ps = ps[: len(ps) // 2] if half == "first" else ps[len(ps) // 2 :]
+        out += ps[: args.per_workload * (len(WORKLOADS) if args.workload else 1)]
+    return out
+
+
+class BusyMark:
+    """Marks the baseline busy on tide's load board while it serves a round."""
+
+    def __init__(self, redis_url: str):
+        self.board = RedisLoadBoard(connect(redis_url), "tide")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self):
+        self._stop.clear()
+
+        def loop():
+            while not self._stop.is_set():
+                self.board.mark("service-bench-baseline", True, 2.0)
+                self._stop.wait(0.5)
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.board.mark("service-bench-baseline", False, 0)
+
+
+def per_minute(slices: list[dict], t0: float) -> list[dict]:
+    """tok/s of each service over the round slices that ended in each minute, and their ratio."""
+    rows: dict[int, dict] = {}
+    for s in slices:
+        m = int((s["end"] - t0) // 60)
+        row = rows.setdefault(m, {"minute": m, "target": [0, 0.0], "tide": [0, 0.0], "failed": 0})
+        row[s["service"]][0] += s["tokens"]
+        row[s["service"]][1] += s["end"] - s["start"]
+        row["failed"] += s["failed"]
+        if s["service"] == "tide":
+            row["accept"] = s.get("accept")
+            row["choices"] = s.get("choices")
+    out = []
+    for m in sorted(rows):
+        r = rows[m]
+        tok = {k: r[k][0] / r[k][1] if r[k][1] else None for k in ("target", "tide")}
+        out.append({"minute": m, "target_tok_s": tok["target"] and round(tok["target"], 2),
+                    "tide_tok_s": tok["tide"] and round(tok["tide"], 2),
+                    "ratio": round(tok["tide"] / tok["target"], 3) if tok["tide"] and tok["target"] else None,
+                    "failed": r["failed"], "accept_len": r.get("accept"), "choices": r.get("choices")})
+    return out
+
+
+def plot(minutes: list[dict], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    xs = [m["minute"] for m in minutes]
+    for key, label in (("target_tok_s", "target alone"), ("tide_tok_s", "tide (default service)")):
+        a.plot(xs, [m[key] for m in minutes], marker="o", label=label)
+    a.set_ylabel("tok/s")
+    a.legend()
+    a.set_title(title)
+    b.plot(xs, [m["ratio"] for m in minutes], marker="o", color="C2")
+    b.axhline(1.0, color="grey", lw=0.8)
+    b.set_ylabel("tide / target alone")
+    b.set_xlabel("minute of the run")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/service-bench")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--per-workload", type=int, default=10, help="held-out prompts per workload")
+    ap.add_argument("--workloads", default=str(ROOT.parent / "shared" / "workloads"))
+    ap.add_argument("--workload", help="one workload only (its second half; the first for --warmup-minutes)")
+    ap.add_argument("--warmup-minutes", type=float, default=0.0)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--draft", help="a warm-started draft for the default service (draft.path)")
+    ap.add_argument("overrides", nargs="*", help="config overrides for the default service")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ports = {"target": free_port(), "tide": free_port()}
+    runs = {k: out / k for k in ports}
+    extra = [f"draft.path={args.draft}"] if args.draft else []
+    print(f"starting the target alone and tide (logs in {out}/*/controller.log)", file=sys.stderr)
+    tide("up", "--run-dir", str(runs["target"]), f"serving.port={ports['target']}", "serving.speculative=false",
+         "online.enabled=false")
+    try:
+        tide("up", "--run-dir", str(runs["tide"]), f"serving.port={ports['tide']}", *extra, *args.overrides)
+        return bench(args, out, ports, runs)
+    finally:
+        for run in runs.values():
+            subprocess.run([sys.executable, "-m", "tide.cli", "down", "--run-dir", str(run)], cwd=ROOT,
+                           capture_output=True)
+
+
+def bench(args, out: Path, ports: dict, runs: dict) -> int:
+    urls = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
+    busy = BusyMark(status(runs["tide"])["redis"])
+    t0 = time.time()
+    slices: list[dict] = []
+    results: dict[str, dict[int, list]] = {"target": {}, "tide": {}}
+    if args.warmup_minutes:
+        warm = prompts_of(args, "first")
+        print(f"warm-up: {args.warmup_minutes} min of {args.workload or 'all'} traffic to tide", file=sys.stderr)
+        w = run_load(urls["tide"], warm, max(args.clients), duration_s=60 * args.warmup_minutes,
+                     max_tokens=args.max_tokens, stream=True)
+        print(f"  warm-up: {w['ok']} requests, {w['throughput_tok_s']} tok/s, accept {w['mean_accept_len']}",
+              file=sys.stderr)
+    prompts = prompts_of(args, "second")
+    t_work = time.time()
+    rnd = 0
+    for c in args.clients:
+        size = 2 * c
+        for start in range(0, len(prompts), size):
+            chunk = prompts[start : start + size]
+            order = ["target", "tide"] if rnd % 2 == 0 else ["tide", "target"]
+            for service in order:
+                got: list[dict] = []
+                s0 = time.time()
+                if service == "target":
+                    with busy:
+                        run_load(urls[service], chunk, c, max_tokens=args.max_tokens, stream=True,
+                                 on_result=got.append)
+                else:
+                    run_load(urls[service], chunk, c, max_tokens=args.max_tokens, stream=True, on_result=got.append)
+                s1 = time.time()
+                results[service].setdefault(c, []).extend(got)
+                ok = [r for r in got if r["status"] == 200]
+                sl = {"service": service, "clients": c, "start": s0, "end": s1,
+                      "tokens": sum(r["tokens"] for r in ok), "failed": len(got) - len(ok)}
+                if service == "tide":
+                    passes = sum(r["verify_passes"] for r in ok)
+                    accepted = sum(r["accepted_tokens"] for r in ok)
+                    sl["accept"] = round((accepted + passes) / passes, 3) if passes else None
+                    sl["choices"] = {p["replica"]: p["choices"] for p in status(runs["tide"]).get("policy", [])}
+                slices.append(sl)
+            rnd += 1
+            done = sum(len(v) for v in results["tide"].values())
+            print(f"  {c} client(s): {done} prompts served by each, {time.time() - t_work:.0f} s", file=sys.stderr)
+    report = {"cpu": cpu_name(), "clients": {}, "warmup_minutes": args.warmup_minutes,
+              "workload": args.workload or "all", "prompts": len(prompts), "max_tokens": args.max_tokens,
+              "draft": args.draft, "overrides": args.overrides}
+    for c in args.clients:
+        row = {}
+        for service in ("target", "tide"):
+            wall = sum(s["end"] - s["start"] for s in slices if s["service"] == service and s["clients"] == c)
+            row[service] = summarize(results[service][c], wall)
+        row["ratio"] = round(row["tide"]["throughput_tok_s"] / row["target"]["throughput_tok_s"], 3)
+        report["clients"][c] = row
+    minutes = per_minute(slices, t_work)
+    report["per_minute"] = minutes
+    first5 = [s for s in slices if s["end"] - t_work < 300]
+    tok = {k: sum(s["tokens"] for s in first5 if s["service"] == k) /
+           max(1e-9, sum(s["end"] - s["start"] for s in first5 if s["service"] == k)) for k in ("target", "tide")}
+    report["first_5_min_ratio"] = round(tok["tide"] / tok["target"], 3) if tok["target"] else None
+    report["min_minute_ratio"] = min((m["ratio"] for m in minutes if m["ratio"]), default=None)
+    report["failed"] = sum(s["failed"] for s in slices)
+    st = status(runs["tide"])
+    report["tide_status"] = {k: st.get(k) for k in ("draft_version", "policy", "trainer_step", "last_swap")}
+    report["elapsed_s"] = round(time.time() - t0, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    plot(minutes, out / "service-bench.png", f"service bench, {report['cpu']}")
+    for c, row in report["clients"].items():
+        t, s = row["target"], row["tide"]
+        print(f"{c} client(s): target {t['throughput_tok_s']} tok/s, tide {s['throughput_tok_s']} tok/s "
+              f"({row['ratio']}x), accept {s['mean_accept_len']}, "
+              f"ttft p50 {t['ttft_p50_s']:.2f}/{s['ttft_p50_s']:.2f} s, "
+              f"latency p99 {t['latency_p99_s']:.1f}/{s['latency_p99_s']:.1f} s, failed {t['failed']}/{s['failed']}")
+    print(f"first 5 minutes {report['first_5_min_ratio']}x, worst minute {report['min_minute_ratio']}x, "
+          f"failed {report['failed']}; {out / 'report.json'}, {out / 'service-bench.png'}")
+    return 0 if report["failed"] == 0 else 1
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                flags = Path("/proc/cpuinfo").read_text()
+                extra = ", AVX512-BF16" if "avx512_bf16" in flags else ", AVX2" if "avx2" in flags else ""
+                return line.split(":", 1)[1].strip() + extra
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
