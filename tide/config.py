@@ -137,6 +137,12 @@ class OnlineConfig:
     goal_accept_len: float = 3.5  # keep training while served acceptance is below this
     patience: int = 4  # gate rejections in a row (no drift) before training pauses
     threads: int = 1
+    # training on idle compute: while any replica serves requests, the trainer trains at most this
+    # share of the time (full speed while they all idle), which bounds what serving on a shared
+    # machine can lose to it; 1.0 where it has a node or a GPU of its own (num_cpus / num_gpus)
+    busy_share: float = 0.2
+    num_cpus: float = 0  # Ray resources the trainer actor asks for: Ray places it where they are
+    num_gpus: float = 0
 
 
 @dataclass
@@ -153,7 +159,7 @@ class RedisConfig:
 class RayConfig:
     address: str | None = None  # null: start a local cluster on loopback; else join this one
     num_cpus: int = 0  # local cluster size; 0 = all cores
-    dashboard: bool = True
+    dashboard: bool = False  # Ray's dashboard (its job API runs commands): only when asked for
     dashboard_port: int = 8265
 
 
@@ -267,6 +273,8 @@ def _validate(cfg: TideConfig) -> None:
         (cfg.redis.stream_maxlen >= 1, "redis.stream_maxlen must be >= 1"),
         (cfg.redis.answers_maxlen >= 1, f"redis.answers_maxlen must be >= 1, not {cfg.redis.answers_maxlen}"),
         (cfg.online.holdout_records >= 2, f"online.holdout_records must be >= 2, not {cfg.online.holdout_records}"),
+        (0 <= cfg.online.busy_share <= 1, f"online.busy_share must be in [0, 1], not {cfg.online.busy_share}"),
+        (cfg.online.num_cpus >= 0 and cfg.online.num_gpus >= 0, "online.num_cpus and online.num_gpus must be >= 0"),
         (cfg.online.drift_lookback >= 0, f"online.drift_lookback must be >= 0, not {cfg.online.drift_lookback}"),
         (cfg.wandb.mode in (None, "online", "offline", "disabled"),
          f"wandb.mode must be online, offline or disabled, not {cfg.wandb.mode!r}"),

@@ -264,8 +264,9 @@ class AdaptivePolicy:
     weigh). Not thread-safe: one decode loop uses it at a time (the replica's decode lock)."""
 
     def __init__(self, costs: Costs, max_k: int, shapes=(), max_copy: int = 16, decay: float = 0.995,
-                 seed: int = 0, search_ms: float = 0.0):
+                 seed: int = 0, search_ms: float = 0.0, refine: float = 0.1):
         self.costs, self.max_k, self.decay = costs, max_k, decay
+        self.refine = refine  # each pass's measured times move the cost model this far towards them
         self.search_ms = search_ms  # what every pass spends looking for copies, whatever it drafts
         widest = len(costs.verify) - 2  # the widest measured pass checks this many drafts
         self.max_k = min(max_k, widest)
@@ -324,10 +325,34 @@ class AdaptivePolicy:
             self.sources[HEAD].observe(*head_view)
         self.counts[choice.label] = self.counts.get(choice.label, 0) + 1
         self.passes += 1
+        self._refine(choice, 1000 * draft_s, 1000 * verify_s)
         self.predicted_tokens += choice.expected
         self.predicted_ms += choice.cost_ms
         self.tokens += accepted + 1
         self.ms += 1000 * (draft_s + verify_s)
+
+    def _refine(self, choice: Choice, draft_ms: float, verify_ms: float) -> None:
+        """Move the cost of what this pass did towards what it took: a cost measured at startup
+        under a passing load (or wrong on this machine for any reason) is mended by the passes
+        that use it. A width priced too high is not taken and keeps its price, which only costs
+        speed that its neighbours' prices would have shown; priced too low, it is taken and mended."""
+        c, f = self.costs, self.refine
+        if not f:
+            return
+        if choice.source == TREE:
+            w = choice.shape[2] + 1
+            c.tree_verify[w] = c.tree_verify.get(w, c.verify_ms(w)) * (1 - f) + verify_ms * f
+            drafted = max(0.0, draft_ms - self.search_ms - c.draft_call)
+            c.tree_draft[choice.shape] = c.tree_draft[choice.shape] * (1 - f) + drafted * f
+            return
+        w = min(choice.length + 1, len(c.verify) - 1)
+        c.verify[w] = c.verify[w] * (1 - f) + verify_ms * f
+        if choice.source == HEAD:  # the draft's share beyond the search, as a scale of its calls
+            scale = max(0.0, draft_ms - self.search_ms) / max(c.chain_draft_ms(choice.length), 1e-6)
+            scale = 1 + f * (scale - 1)
+            c.draft_call, c.draft_logits = c.draft_call * scale, c.draft_logits * scale
+        else:  # no draft: the pass spent its draft time searching for copies
+            self.search_ms = self.search_ms * (1 - f) + draft_ms * f
 
     def head_changed(self) -> None:
         """A new draft serves: what was learned of the old one's acceptance no longer holds."""

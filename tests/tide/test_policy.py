@@ -31,7 +31,7 @@ def _run(policy, passes, accepted_of, offers=None, view_of=None):
 
 
 def test_a_draft_that_never_hits_gets_no_speculation():
-    policy = AdaptivePolicy(_costs(), max_k=5, shapes=SHAPES)
+    policy = AdaptivePolicy(_costs(), max_k=5, shapes=SHAPES, refine=0.0)
     picked = _run(policy, 600, lambda c: 0, view_of=lambda c, a: (c.shape[0] if c.shape else c.length, 0, None)
                   if c.source in (HEAD, TREE) else None)
     late = picked[100:]
@@ -41,7 +41,7 @@ def test_a_draft_that_never_hits_gets_no_speculation():
 
 
 def test_a_draft_that_always_hits_is_used_to_full_length():
-    policy = AdaptivePolicy(_costs(), max_k=5, shapes=SHAPES)
+    policy = AdaptivePolicy(_costs(), max_k=5, shapes=SHAPES, refine=0.0)
     picked = _run(policy, 300, lambda c: c.shape[0] if c.source == TREE else c.length,
                   view_of=lambda c, a: (a, a, None) if c.source in (HEAD, TREE) else None)
     assert all(c.label == "head:5" for c in picked[-100:])
@@ -51,7 +51,7 @@ def test_a_draft_that_always_hits_is_used_to_full_length():
 def test_a_copy_is_taken_where_it_pays_and_cut_where_its_tail_misses():
     """Prompt lookup's copies cost no draft: one whose first three tokens hit and the rest miss
     is cut to three, and taken over a head that never hits."""
-    policy = AdaptivePolicy(_costs(per_row=3.0), max_k=5, shapes=SHAPES)
+    policy = AdaptivePolicy(_costs(per_row=3.0), max_k=5, shapes=SHAPES, refine=0.0)
     offers = {LOOKUP: list(range(12))}
     picked = _run(policy, 400, lambda c: min(c.length, 3) if c.source == LOOKUP else 0, offers)
     late = [c.label for c in picked[-100:]]
@@ -65,7 +65,7 @@ def test_trees_are_priced_from_where_the_target_token_stood_in_the_head_s_chain_
     for _ in range(50):
         acc.observe(4, 0, miss_rank=1)
     assert acc.rates(1)[0] < 0.05 and acc.rates(2)[0] > 0.95
-    policy = AdaptivePolicy(_costs(per_row=0.5), max_k=5, shapes=SHAPES)
+    policy = AdaptivePolicy(_costs(per_row=0.5), max_k=5, shapes=SHAPES, refine=0.0)
     policy.sources[HEAD] = acc
     assert policy.choose({}, 1000, False).source == NONE  # sampling: no trees
     # a tree of any shape takes the second-best token and misses below it: the cheapest wins
@@ -74,11 +74,29 @@ def test_trees_are_priced_from_where_the_target_token_stood_in_the_head_s_chain_
     assert [c.label for c in picked[-50:]].count("tree:1:2:2") >= 45
 
 
+def test_a_pass_priced_too_low_at_startup_is_mended_by_the_passes_that_take_it():
+    """Startup measured a 2-row pass at 10 ms (a noisy moment); it takes 36 ms. A draft that
+    hits 10% of the time pays at 10 ms, not at 36: the passes taken mend the price and the
+    policy stops drafting."""
+    costs = _costs()
+    costs.verify[2] = 10.0
+    policy = AdaptivePolicy(costs, max_k=5, shapes=[])
+    picked = []
+    for i in range(300):
+        c = policy.choose({}, 1000, False)
+        hit = int(c.source == HEAD and i % 10 == 0)
+        verify_ms = 30.0 + 6.0 * c.length
+        policy.observe(c, hit, 0.0015 * c.length, verify_ms / 1000, (c.length, hit, None) if c.source == HEAD else None)
+        picked.append(c.source)
+    assert picked[0] == HEAD and picked[-100:].count(NONE) >= 90
+    assert costs.verify[2] == pytest.approx(36.0, rel=0.05)
+
+
 @pytest.mark.parametrize("make_head, expect", [(_noisy_head, NONE), (_good_head, HEAD)])
 def test_decode_with_the_policy_stays_exact_and_follows_the_draft(tiny, make_head, expect):
     head = make_head(tiny)
     params = DecodeConfig(k=4, max_new_tokens=48)
-    policy = AdaptivePolicy(_costs(), max_k=4, shapes=SHAPES)
+    policy = AdaptivePolicy(_costs(), max_k=4, shapes=SHAPES, refine=0.0)
     for seed in range(6):
         prompt = torch.randint(1, 90, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
         spec = speculative_generate(tiny, head, prompt, params, policy=policy)
