@@ -85,13 +85,21 @@ class BusyMark:
 
 
 def per_minute(slices: list[dict], t0: float) -> list[dict]:
-    """tok/s of each service over the round slices that ended in each minute, and their ratio."""
+    """tok/s of each service in each minute of the run (a round's tokens spread evenly over its
+    time, split where it crosses a minute), and their ratio."""
     rows: dict[int, dict] = {}
+
+    def row_of(m):
+        return rows.setdefault(m, {"minute": m, "target": [0.0, 0.0], "tide": [0.0, 0.0], "failed": 0})
+
     for s in slices:
-        m = int((s["end"] - t0) // 60)
-        row = rows.setdefault(m, {"minute": m, "target": [0, 0.0], "tide": [0, 0.0], "failed": 0})
-        row[s["service"]][0] += s["tokens"]
-        row[s["service"]][1] += s["end"] - s["start"]
+        a, b = s["start"] - t0, s["end"] - t0
+        for m in range(int(a // 60), int(b // 60) + 1):
+            part = max(0.0, min(b, 60 * (m + 1)) - max(a, 60 * m))
+            if part > 0:
+                row_of(m)[s["service"]][0] += s["tokens"] * part / max(b - a, 1e-9)
+                row_of(m)[s["service"]][1] += part
+        row = row_of(int(b // 60))
         row["failed"] += s["failed"]
         if s["service"] == "tide":
             row["accept"] = s.get("accept")
@@ -222,6 +230,8 @@ def bench(args, out: Path, ports: dict, runs: dict) -> int:
     st = status(runs["tide"])
     report["tide_status"] = {k: st.get(k) for k in ("draft_version", "policy", "trainer_step", "last_swap")}
     report["elapsed_s"] = round(time.time() - t0, 1)
+    report["rounds"] = [{**s, "start": round(s["start"] - t_work, 2), "end": round(s["end"] - t_work, 2)}
+                        for s in slices]
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot(minutes, out / "service-bench.png", f"service bench, {report['cpu']}")
     for c, row in report["clients"].items():

@@ -53,6 +53,7 @@ class ServingEngine:
         self.writer, self.weights = writer, weights
         self.policy = policy  # None: each request follows its own decode parameters (FixedPolicy)
         self._pending: tuple[int, dict, dict] | None = None  # a validated draft waiting for a pass
+        self._swap_latencies: deque[float] = deque(maxlen=100)  # the newest swaps' publish -> serving
         self._decode_lock = threading.Lock()
         self._admit_lock = threading.Lock()
         self._waiting = 0
@@ -94,7 +95,9 @@ class ServingEngine:
             head, version = load_draft(cfg.draft.path, target)
         else:
             head, version = new_head(target, cfg.draft.vocab_size, seed=cfg.draft.seed), 0
-        policy = policy_from_config(cfg.decode, target, head, cfg.model.max_context)
+        policy = None
+        if cfg.serving.speculative:
+            policy = policy_from_config(cfg.decode, target, head, cfg.model.max_context)
         if policy is not None:
             log.info("replica %s: costs measured (ms) %s", replica, policy.stats()["costs_ms"])
         engine = cls(cfg, replica, target, head, version, writer, weights, answers, policy)
@@ -322,15 +325,20 @@ class ServingEngine:
         now = time.time()
         self.stats_["swaps_applied"] += 1
         self.stats_["last_swap_at"] = now
-        if "published_at" in meta:
+        if "published_at" in meta:  # publish -> serving, the poll interval and validation included
             self.stats_["last_swap_latency_s"] = round(now - float(meta["published_at"]), 4)
+            self._swap_latencies.append(now - float(meta["published_at"]))
         log.info("replica %s now serves draft v%d", self.replica, version)
         return True
 
     def start_weight_poller(self) -> None:
         def loop():
             while not self._stop.wait(self.cfg.serving.swap_poll_s):
-                self.poll_weights()
+                try:
+                    self.poll_weights()
+                except Exception:  # noqa: BLE001 - the poller must outlive any bad update
+                    self.stats_["poller_errors"] = self.stats_.get("poller_errors", 0) + 1
+                    log.exception("weight poll failed; polling on")
 
         threading.Thread(target=loop, name="weight-poller", daemon=True).start()
 
@@ -353,4 +361,8 @@ class ServingEngine:
                      history_shared_dropped=self._answer_writer.dropped)
         if self.policy is not None:
             s["policy"] = self.policy.stats()
+        if self._swap_latencies:
+            lat = sorted(self._swap_latencies)
+            s.update(swap_latency_p50_s=round(lat[len(lat) // 2], 3),
+                     swap_latency_p99_s=round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3))
         return s

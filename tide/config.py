@@ -167,7 +167,7 @@ class RayConfig:
 class ServingConfig:
     replicas: int = 1
     max_queue: int = 8  # requests waiting per replica before new ones are refused
-    swap_poll_s: float = 0.5  # how often a replica checks for newly published draft weights
+    swap_poll_s: float = 0.25  # how often a replica checks for newly published draft weights (one GET)
     record_queue: int = 32  # records waiting to be written before new ones are dropped
     capture: bool = True  # stream hidden states of served requests
     speculative: bool = True  # false: the target alone (the baseline for load comparisons)
