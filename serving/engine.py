@@ -96,6 +96,8 @@ class ServingEngine:
         else:
             head, version = new_head(target, cfg.draft.vocab_size, seed=cfg.draft.seed), 0
         policy = None
+        if cfg.serving.threads > 0:  # costs are measured with the threads that will decode
+            torch.set_num_threads(cfg.serving.threads)
         if cfg.serving.speculative:
             policy = policy_from_config(cfg.decode, target, head, cfg.model.max_context)
         if policy is not None:

@@ -20,6 +20,7 @@ from tide.checkpoint import load_draft, new_head
 from tide.config import TideConfig, to_dict
 from tide.lookup import history_from_config
 from tide.models import load_target
+from tide.policy import policy_from_config
 from tide.prompts import Prompt, encode
 from tide.speculative import speculative_generate, target_generate
 
@@ -146,13 +147,16 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
     # the answer history (decode.history_k > 0) learns each prompt's answer once all its runs are
     # done, as a serving replica learns a request's: later prompts draft from earlier answers
     history = history_from_config(cfg)
+    # decode.policy=auto: one controller for the whole run, as a replica keeps one for its life
+    policy = policy_from_config(params, target, head, cfg.model.max_context)
     per_wl: dict[str, tuple[_Tally, _Spec, _Spec]] = defaultdict(lambda: (_Tally(), _Spec(), _Spec()))
     items = [(name, p) for name, ps in workloads.items() for p in ps]
     for i, (name, prompt) in enumerate(items):
         ids = encode(target.tokenizer, prompt)
         runs = {
             "base": lambda: target_generate(target, ids, params, cfg.model.max_context),
-            "spec": lambda: speculative_generate(target, head, ids, params, cfg.model.max_context, history=history),
+            "spec": lambda: speculative_generate(target, head, ids, params, cfg.model.max_context, history=history,
+                                                 policy=policy),
             "alt": lambda: target_generate(other, ids, params, cfg.model.max_context),
         }
         if other_head is not None:
@@ -205,6 +209,7 @@ def run_bench(cfg: TideConfig, workloads: dict[str, list[Prompt]], draft_dir: st
             "prefill_per_prompt": round(1000 * spec.prefill_s / max(spec.n, 1), 2),
         },
         "per_workload": {n: s_.summary(b_) for n, (b_, s_, _) in per_wl.items()},
+        "policy": policy.stats() if policy is not None else {"policy": "fixed"},
         "config": to_dict(cfg),
     })
     if other_head is not None:
