@@ -146,6 +146,7 @@ def main() -> int:
     ap.add_argument("--warmup-minutes", type=float, default=0.0)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--draft", help="a warm-started draft for the default service (draft.path)")
+    ap.add_argument("--common", nargs="*", default=[], help="config overrides for both services")
     ap.add_argument("overrides", nargs="*", help="config overrides for the default service")
     args = ap.parse_args()
     out = Path(args.out)
@@ -155,9 +156,10 @@ def main() -> int:
     extra = [f"draft.path={args.draft}"] if args.draft else []
     print(f"starting the target alone and tide (logs in {out}/*/controller.log)", file=sys.stderr)
     tide("up", "--run-dir", str(runs["target"]), f"serving.port={ports['target']}", "serving.speculative=false",
-         "online.enabled=false")
+         "online.enabled=false", *args.common)
     try:
-        tide("up", "--run-dir", str(runs["tide"]), f"serving.port={ports['tide']}", *extra, *args.overrides)
+        tide("up", "--run-dir", str(runs["tide"]), f"serving.port={ports['tide']}", *extra, *args.common,
+             *args.overrides)
         return bench(args, out, ports, runs)
     finally:
         for run in runs.values():
@@ -211,7 +213,7 @@ def bench(args, out: Path, ports: dict, runs: dict) -> int:
             print(f"  {c} client(s): {done} prompts served by each, {time.time() - t_work:.0f} s", file=sys.stderr)
     report = {"cpu": cpu_name(), "clients": {}, "warmup_minutes": args.warmup_minutes,
               "workload": args.workload or "all", "prompts": len(prompts), "max_tokens": args.max_tokens,
-              "draft": args.draft, "overrides": args.overrides}
+              "draft": args.draft, "overrides": args.overrides, "common": args.common}
     for c in args.clients:
         row = {}
         for service in ("target", "tide"):
@@ -238,11 +240,15 @@ def bench(args, out: Path, ports: dict, runs: dict) -> int:
         t, s = row["target"], row["tide"]
         print(f"{c} client(s): target {t['throughput_tok_s']} tok/s, tide {s['throughput_tok_s']} tok/s "
               f"({row['ratio']}x), accept {s['mean_accept_len']}, "
-              f"ttft p50 {t['ttft_p50_s']:.2f}/{s['ttft_p50_s']:.2f} s, "
-              f"latency p99 {t['latency_p99_s']:.1f}/{s['latency_p99_s']:.1f} s, failed {t['failed']}/{s['failed']}")
+              f"ttft p50 {_s(t['ttft_p50_s'])}/{_s(s['ttft_p50_s'])} s, "
+              f"latency p99 {_s(t['latency_p99_s'])}/{_s(s['latency_p99_s'])} s, failed {t['failed']}/{s['failed']}")
     print(f"first 5 minutes {report['first_5_min_ratio']}x, worst minute {report['min_minute_ratio']}x, "
           f"failed {report['failed']}; {out / 'report.json'}, {out / 'service-bench.png'}")
     return 0 if report["failed"] == 0 else 1
+
+
+def _s(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def cpu_name() -> str:

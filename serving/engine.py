@@ -147,9 +147,13 @@ class ServingEngine:
 
                 t0 = time.perf_counter()
                 if self.cfg.serving.speculative:
+                    # a seeded request drafts in the configured order: under sampling the draft
+                    # decides how the random stream is spent, and the same seed must give the same
+                    # text while the draft version stays (the distribution is the target's either way)
+                    policy = self.policy if params.seed is None else None
                     g = speculative_generate(self.target, self.head, prompt_ids, params, self.cfg.model.max_context,
                                              capture=self.cfg.serving.capture, on_tokens=stream,
-                                             history=self.history, policy=self.policy, on_pass=between_passes)
+                                             history=self.history, policy=policy, on_pass=between_passes)
                     if self.history is not None:
                         self.history.add(prompt_ids, g.tokens)
                         if self._answer_writer is not None:

@@ -14,6 +14,7 @@ from tide.transport.memory import MemoryAnswerStream, MemoryWeightChannel
 
 def test_a_served_answer_drafts_the_next_requests_and_a_cancelled_one_is_not_learned():
     cfg = load_config(overrides=["decode.k=2", "decode.history_k=6", "decode.max_new_tokens=24",
+                                 "decode.lookup_ngram=0",
                                  "serving.capture=false"])
     target = tiny_target()
     engine = ServingEngine(cfg, "r0", target, new_head(target, 64), 0)
@@ -37,6 +38,7 @@ def test_a_served_answer_drafts_the_next_requests_and_a_cancelled_one_is_not_lea
 
 def _sharing_engine(target, answers, replica, *overrides):
     cfg = load_config(overrides=["decode.k=2", "decode.history_k=6", "decode.max_new_tokens=24",
+                                 "decode.lookup_ngram=0",
                                  "serving.capture=false", *overrides])
     return ServingEngine(cfg, replica, target, new_head(target, 64), 0, answers=answers)
 

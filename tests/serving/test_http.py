@@ -162,21 +162,25 @@ def test_metrics_status_load_plot(server):
     headers = {"Authorization": f"Bearer {KEY}"}
     env, run_dir = server["env"], str(server["run_dir"])
     load = _tide("load", "--url", server["url"], "--requests", "6", "--concurrency", "2",
-                 "--max-tokens", "16", env=env)
+                 "--max-tokens", "16", "--stream", env=env)
     assert load.returncode == 0, load.stderr[-2000:]
     report = json.loads(load.stdout)
     assert report["ok"] == 6 and report["failed"] == 0 and report["latency_p99_s"] > 0
+    assert 0 < report["ttft_p50_s"] <= report["latency_p99_s"]
     text = httpx.get(server["url"] + "/metrics", headers=headers).text
     for name in ("tide_spec_decode_num_drafts_total", "tide_spec_decode_num_accepted_tokens_per_pos_total",
                  "tide_generation_tokens_total", "tide_draft_version", "tide_records_total",
-                 'tide_http_requests_total{status="client_error"}'):
-        assert name in text
+                 'tide_http_requests_total{status="client_error"}', "tide_policy_choices_total{",
+                 "tide_policy_measured_speedup{", 'tide_policy_acceptance_rate{replica="r0",source="head"'):
+        assert name in text, name
     time.sleep(2.5)  # one status tick after the load
     st = _tide("status", "--run-dir", run_dir, env=env)
     status = json.loads(st.stdout)
     assert status["state"] == "ready" and status["served_tokens"] > 0
-    for key in ("draft_version", "acceptance_ema", "stream_length", "trainer_step", "last_swap"):
+    for key in ("draft_version", "acceptance_ema", "stream_length", "trainer_step", "last_swap", "policy"):
         assert key in status
+    policy = status["policy"][0]  # what the replica's controller drafted, predicted vs measured
+    assert sum(policy["choices"].values()) > 0 and policy["measured_speedup"] > 0
     assert status["stream_length"] > 0
     plot = _tide("plot", "--run-dir", run_dir, env=env)
     assert plot.returncode == 0, plot.stderr

@@ -10,7 +10,8 @@ from tide.prompts import Prompt
 
 def test_bench_reports_both_dtypes_and_exactness(tiny_model_dir):
     cfg = load_config(overrides=[f"model.source={tiny_model_dir}", "model.dtype=float32",
-                                 "decode.k=3", "decode.max_new_tokens=12", "model.skinny_matmul=true"])
+                                 "decode.k=3", "decode.max_new_tokens=12", "model.skinny_matmul=true",
+                                 "decode.policy=fixed"])
     workloads = {"a": [Prompt("one two three", chat=False), Prompt("four five", chat=False)],
                  "b": [Prompt("six seven eight nine", chat=False)]}
     out = run_bench(cfg, workloads, None, spec_both=True)
@@ -31,7 +32,8 @@ def test_bench_reports_both_dtypes_and_exactness(tiny_model_dir):
 
 def test_bench_compares_a_tree_with_its_chain(tiny_model_dir):
     cfg = load_config(overrides=[f"model.source={tiny_model_dir}", "model.dtype=float32", "decode.k=3",
-                                 "decode.tree_topk=3", "decode.tree_tokens=8", "decode.max_new_tokens=12"])
+                                 "decode.tree_topk=3", "decode.tree_tokens=8", "decode.max_new_tokens=12",
+                                 "decode.policy=fixed", "decode.lookup_ngram=0"])
     workloads = {"a": [Prompt("one two three", chat=False), Prompt("four five", chat=False)]}
     out = run_bench(cfg, workloads, None, chain_k=2)
     assert out["exact_match"] is True and out["chain"]["exact_prompts"] == 2
@@ -43,7 +45,7 @@ def test_bench_compares_a_tree_with_its_chain(tiny_model_dir):
 def test_bench_reports_lookup_beside_the_head_against_the_head_alone(tiny_model_dir):
     cfg = load_config(overrides=[f"model.source={tiny_model_dir}", "model.dtype=float32", "decode.k=3",
                                  "decode.lookup_ngram=2", "decode.lookup_min_ngram=1",
-                                 "decode.max_new_tokens=16"])
+                                 "decode.max_new_tokens=16", "decode.policy=fixed"])  # every match a lookup pass
     workloads = {"a": [Prompt("one two three one two three one two", chat=False)]}
     out = run_bench(cfg, workloads, None, chain_k=3)
     assert out["exact_match"] is True and out["chain"]["exact_prompts"] == 1
@@ -57,7 +59,8 @@ def test_bench_history_learns_each_answer_for_the_prompts_after_it(tiny_model_di
     replica does; a prompt asked again drafts from the first answer, and the chain reference
     (the head alone) does not use the history."""
     cfg = load_config(overrides=[f"model.source={tiny_model_dir}", "model.dtype=float32", "decode.k=2",
-                                 "decode.history_k=6", "decode.max_new_tokens=16"])
+                                 "decode.history_k=6", "decode.max_new_tokens=16", "decode.policy=fixed",
+                                 "decode.lookup_ngram=0"])  # the history's own drafts, in the fixed order
     again = Prompt("one two three four", chat=False)
     out = run_bench(cfg, {"a": [again], "b": [again]}, None, chain_k=2)
     assert out["exact_match"] is True and out["chain"]["exact_prompts"] == 2

@@ -118,9 +118,12 @@ def test_the_cost_model_predicts_what_passes_cost_here(smol_fp32):
         head = new_head(smol_fp32, 8192)
         params = DecodeConfig(max_new_tokens=64, lookup_ngram=3, lookup_k=16)
         policy = policy_from_config(params, smol_fp32, head, 2048)
-        for text in ("Write a haiku about the sea.", "List three prime numbers.", "What is 12 times 7?"):
+        texts = ("Name a colour.", "Write a haiku about the sea.", "List three prime numbers.", "What is 12 times 7?")
+        for i, text in enumerate(texts):
             ids = chat_ids(smol_fp32.tokenizer, [{"role": "user", "content": text}])
             speculative_generate(smol_fp32, head, ids, params, policy=policy)
+            if i == 0:  # the first answer warms up what a replica's first request warms up: not counted
+                policy.passes, policy.ms, policy.predicted_ms = 0, 0.0, 0.0
     finally:
         torch.set_num_threads(2)
     assert policy.passes > 50
