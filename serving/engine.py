@@ -53,6 +53,7 @@ class ServingEngine:
         self.writer, self.weights = writer, weights
         self.policy = policy  # None: each request follows its own decode parameters (FixedPolicy)
         self._pending: tuple[int, dict, dict] | None = None  # a validated draft waiting for a pass
+        self._pending_lock = threading.Lock()  # the poller sets it, the decoding request takes it
         self._swap_latencies: deque[float] = deque(maxlen=100)  # the newest swaps' publish -> serving
         self._decode_lock = threading.Lock()
         self._admit_lock = threading.Lock()
@@ -176,11 +177,11 @@ class ServingEngine:
                 self._cancelled.discard(request_id)
         self._account(g, elapsed, len(prompt_ids))
         if g.features is not None and self.writer is not None:
+            # the newest draft it used: a request that saw a swap is judged with the new draft
             record = HiddenStateRecord(
                 request_id=request_id, target_model_id=self.target.model_id, draft_version=versions[-1],
                 input_ids=torch.tensor(g.sequence), features=g.features,
                 final_hidden=g.final_hidden, prompt_len=len(prompt_ids), accept_len=g.head_accept_len)
-            # the newest draft it used: a request that saw a swap is judged with the new draft
             self.writer.submit(record.to_bytes())
         return {
             "request_id": request_id, "tokens": g.tokens, "finish_reason": g.finish_reason,
@@ -316,11 +317,14 @@ class ServingEngine:
             self.stats_["last_swap_error"] = f"v{version}: {e}"
             log.warning("rejected draft v%d, keeping v%d: %s", version, self.version, e)
             return
-        self._pending = (version, state, meta)
+        with self._pending_lock:
+            if self._pending is None or self._pending[0] < version:
+                self._pending = (version, state, meta)
 
     def _apply_pending(self) -> bool:
         """Under the decode lock, between passes: swap the validated draft in, in place."""
-        got, self._pending = self._pending, None
+        with self._pending_lock:
+            got, self._pending = self._pending, None
         if got is None:
             return False
         version, state, meta = got
