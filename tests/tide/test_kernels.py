@@ -146,28 +146,6 @@ def test_skinny_linear_takes_the_dp_path_where_the_cpu_has_avx512_bf16(ext, monk
 
 
 @needs_kernel
-def test_a_head_on_the_kernels_deep_copies_and_pickles(ext):
-    """The online trainer deep-copies its head (the eval gate's copy of what serves). A head on
-    tide.kernels once held the extension module itself, which cannot be copied, and the default
-    `make up` crashed; the copy takes the kernels too and computes the same bits."""
-    import copy
-    import pickle
-
-    from tests.conftest import tiny_target
-    from tide.checkpoint import new_head
-
-    head = use_skinny_matmul(new_head(tiny_target(hidden=128), 32, seed=0).bfloat16().eval(), "always")
-    twin, thawed = copy.deepcopy(head), pickle.loads(pickle.dumps(head))
-    for h in (twin, thawed):
-        assert h.midlayer.self_attn.q_proj.bf16_ext is ext
-    x = torch.randn(1, 3, 128).bfloat16()
-    with torch.no_grad():
-        want = head.fc(torch.cat([x, x, x], -1))
-        for h in (twin, thawed):
-            assert torch.equal(h.fc(torch.cat([x, x, x], -1)).view(torch.int16), want.view(torch.int16))
-
-
-@needs_kernel
 def test_skinny_linear_bf16_leaves_other_devices_to_torch(ext):
     layer = use_skinny_matmul(nn.Sequential(nn.Linear(16, 8).bfloat16()), "always")[0].requires_grad_(False)
     x = torch.randn(3, 16).bfloat16().to("meta")  # stands in for a GPU tensor: the kernel reads host memory

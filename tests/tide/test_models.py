@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from tests.conftest import tiny_target
+from tide import kernels
 from tide.models import SkinnyLinear, use_skinny_matmul
 
 
@@ -45,3 +46,25 @@ def test_use_skinny_matmul_keeps_parameters_ties_and_outputs():
     with torch.no_grad():
         after = model(input_ids=ids).logits
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not kernels.can_run(), reason="the kernel needs an x86 CPU with AVX2")
+def test_a_head_on_the_kernels_deep_copies_and_pickles():
+    """The online trainer deep-copies its head (the eval gate's copy of what serves). A head on
+    tide.kernels once held the extension module itself, which cannot be copied, and the default
+    `make up` crashed; the copy takes the kernels too and computes the same bits."""
+    import copy
+    import pickle
+
+    from tide.checkpoint import new_head
+
+    ext = kernels.bf16_kernel("always")
+    head = use_skinny_matmul(new_head(tiny_target(hidden=128), 32, seed=0).bfloat16().eval(), "always")
+    twin, thawed = copy.deepcopy(head), pickle.loads(pickle.dumps(head))
+    for h in (twin, thawed):
+        assert h.midlayer.self_attn.q_proj.bf16_ext is ext
+    x = torch.randn(1, 3, 128).bfloat16()
+    with torch.no_grad():
+        want = head.fc(torch.cat([x, x, x], -1))
+        for h in (twin, thawed):
+            assert torch.equal(h.fc(torch.cat([x, x, x], -1)).view(torch.int16), want.view(torch.int16))
