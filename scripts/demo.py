@@ -38,12 +38,13 @@ def window_mean(rows: list[dict], t0: float, t1: float) -> float | None:
     return round(sum(xs) / len(xs), 3) if xs else None
 
 
-def pull_draft(status: dict, out: Path, overrides: list[str]) -> int:
-    """Save the draft the system serves now as a checkpoint folder (for the final bench)."""
+def pull_draft(run_dir: Path, out: Path, overrides: list[str]) -> int:
+    """Save the draft the system serves now as a checkpoint folder (for the final bench): the
+    newest one the controller kept in the run folder."""
+    from serving.drafts import DraftStore
     from tide.checkpoint import load_draft, new_head, save_draft, state_from_bytes, swap_in_place
     from tide.config import load_config
     from tide.models import load_target
-    from tide.transport.redis_transport import RedisWeightChannel, connect
 
     cfg = load_config(overrides=overrides)
     target = load_target(cfg.model)
@@ -51,12 +52,10 @@ def pull_draft(status: dict, out: Path, overrides: list[str]) -> int:
         head, version = load_draft(cfg.draft.path, target)
     else:
         head, version = new_head(target, cfg.draft.vocab_size, seed=cfg.draft.seed), 0
-    url = status["redis"]
-    channel = RedisWeightChannel(connect(url), cfg.redis.prefix)
-    latest = channel.latest_version()
-    if latest:
-        swap_in_place(head, state_from_bytes(channel.fetch(latest)[0]))
-        version = latest
+    kept = DraftStore(run_dir / "drafts").newest(cfg.model.source, cfg.draft.path)
+    if kept is not None:
+        swap_in_place(head, state_from_bytes(kept[1]))
+        version = kept[0]
     save_draft(head, out, version, target)
     return version
 
@@ -84,7 +83,7 @@ def main() -> int:
     code = code_all[: len(code_all) // 2]  # traffic; the final bench uses the other half
     t_start = time.time()
     print(f"tide up ({'static draft' if args.static else 'online training'}) ...", flush=True)
-    tide("up", "--run-dir", str(run_dir), *overrides)
+    tide("up", "--fresh", "--run-dir", str(run_dir), *overrides)
     url = json.loads((run_dir / "status.json").read_text())["http"]
     try:
         print(f"phase 1: chat traffic for {args.chat_s:.0f} s", flush=True)
@@ -94,7 +93,7 @@ def main() -> int:
         r2 = run_load(url, code, args.concurrency, duration_s=args.code_s, max_tokens=args.max_tokens)
         time.sleep(2)
         status = json.loads((run_dir / "status.json").read_text())
-        version = pull_draft(status, run_dir / "final_draft", overrides)
+        version = pull_draft(run_dir, run_dir / "final_draft", overrides)
     finally:
         tide("down", "--run-dir", str(run_dir), check=False)
     rows = load_history(run_dir / "history.jsonl")

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from serving.load import run_load, summarize  # noqa: E402
 from tide.prompts import load_prompts  # noqa: E402
-from tide.transport.redis_server import free_port  # noqa: E402
+from tide.transport.redis_server import free_port, local_url  # noqa: E402
 from tide.transport.redis_transport import RedisLoadBoard, connect  # noqa: E402
 
 WORKLOADS = ("mt_bench", "alpaca", "humaneval", "gsm8k")
@@ -155,10 +155,10 @@ def main() -> int:
     runs = {k: out / k for k in ports}
     extra = [f"draft.path={args.draft}"] if args.draft else []
     print(f"starting the target alone and tide (logs in {out}/*/controller.log)", file=sys.stderr)
-    tide("up", "--run-dir", str(runs["target"]), f"serving.port={ports['target']}", "serving.speculative=false",
-         "online.enabled=false", *args.common)
+    tide("up", "--fresh", "--run-dir", str(runs["target"]), f"serving.port={ports['target']}",
+         "serving.speculative=false", "online.enabled=false", *args.common)
     try:
-        tide("up", "--run-dir", str(runs["tide"]), f"serving.port={ports['tide']}", *extra, *args.common,
+        tide("up", "--fresh", "--run-dir", str(runs["tide"]), f"serving.port={ports['tide']}", *extra, *args.common,
              *args.overrides)
         return bench(args, out, ports, runs)
     finally:
@@ -169,7 +169,7 @@ def main() -> int:
 
 def bench(args, out: Path, ports: dict, runs: dict) -> int:
     urls = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
-    busy = BusyMark(status(runs["tide"])["redis"])
+    busy = BusyMark(local_url(runs["tide"] / "redis"))
     t0 = time.time()
     slices: list[dict] = []
     results: dict[str, dict[int, list]] = {"target": {}, "tide": {}}

@@ -23,21 +23,25 @@ _DONE = object()
 
 @ray.remote(max_concurrency=16)
 class ServingActor:
-    def __init__(self, cfg: dict, redis_url: str, replica: str):
+    def __init__(self, cfg: dict, redis_url: str, replica: str, weights_key: str | None = None):
+        """weights_key: hex of the key published drafts are signed with (None: unsigned)."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         self.cfg = from_dict(cfg)
         client = connect(redis_url)
-        prefix = self.cfg.redis.prefix
-        writer = AsyncRecordWriter(RedisRecordStream(client, prefix, self.cfg.redis.stream_maxlen),
+        rc = self.cfg.redis
+        writer = AsyncRecordWriter(RedisRecordStream(client, rc.prefix, rc.records_mb << 20),
                                    max_pending=self.cfg.serving.record_queue)
-        answers = RedisAnswerStream(client, prefix, self.cfg.redis.answers_maxlen)
-        self.engine = ServingEngine.build(self.cfg, replica, writer, RedisWeightChannel(client, prefix), answers)
+        answers = RedisAnswerStream(client, rc.prefix, rc.answers_mb << 20)
+        weights = RedisWeightChannel(client, rc.prefix, rc.keep_versions,
+                                     bytes.fromhex(weights_key) if weights_key else None)
+        self.engine = ServingEngine.build(self.cfg, replica, writer, weights, answers)
         self.engine.start_weight_poller()
         self.engine.start_answer_sync()
 
     def ready(self) -> dict:
         return {"replica": self.engine.replica, "draft_version": self.engine.version,
-                "model": self.engine.target.model_id}
+                "model": self.engine.target.model_id,
+                "vocab": self.engine.target.model.get_input_embeddings().num_embeddings}
 
     def tokenize(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
         return self.engine.encode(prompt, messages)
@@ -45,8 +49,26 @@ class ServingActor:
     def detokenize(self, tokens: list[int]) -> str:
         return self.engine.target.tokenizer.decode(tokens, skip_special_tokens=True)
 
+    def _stop_watch(self, stops: list[str], then=None):
+        """An on_tokens callback that ends decoding once a stop string appears in the text (the
+        HTTP front cuts the text there); `then` also gets every token batch."""
+        tokens: list[int] = []
+        tail = max((len(s) for s in stops), default=0) + 16  # tokens: each one is >= 1 character
+
+        def watch(new: list[int]) -> bool:
+            if then is not None:
+                then(new)
+            tokens.extend(new)
+            text = self.detokenize(tokens[-(tail + len(new)):])
+            return any(s in text for s in stops)
+
+        return watch if stops or then is not None else None
+
     def generate(self, prompt_ids: list[int], params: dict, request_id: str | None = None) -> dict:
-        result = self.engine.generate(prompt_ids, self.engine.decode_params(**params), request_id)
+        params = dict(params)
+        on_tokens = self._stop_watch(params.pop("stop", None) or [])
+        result = self.engine.generate(prompt_ids, self.engine.decode_params(**params), request_id,
+                                      on_tokens=on_tokens)
         result["text"] = self.detokenize(result["tokens"])
         return result
 
@@ -54,11 +76,13 @@ class ServingActor:
         """Yields {"tokens": [...]} per verify pass, then the final result dict."""
         q: queue.Queue = queue.Queue()
         box = {}
+        params = dict(params)
+        on_tokens = self._stop_watch(params.pop("stop", None) or [], then=lambda t: q.put(list(t)))
 
         def work():
             try:
                 box["result"] = self.engine.generate(prompt_ids, self.engine.decode_params(**params),
-                                                     request_id, on_tokens=lambda t: q.put(list(t)))
+                                                     request_id, on_tokens=on_tokens)
             except Exception as e:  # surfaced to the caller below (Cancelled: nobody is listening)
                 box["error"] = e
             q.put(_DONE)

@@ -2,8 +2,13 @@
 W&B, and a status file. It runs in the foreground (`tide up --foreground`) or as the detached
 process that `tide up` starts; `tide down` signals it, and it stops only what it started.
 
-Run folder layout: tide.pid, status.json (live state, rewritten every second), history.jsonl
-(one line per tick, for `tide plot`), controller.log, redis/ (embedded server), wandb/.
+Run folder layout: tide.pid (pid and start time), status.json (live state, rewritten every
+second), history.jsonl (one line per tick, for `tide plot`; rotated to history.1.jsonl past
+HISTORY_MB), controller.log, drafts/ (the published drafts, resumed by the next `tide up`),
+redis/ (embedded server: config with its password, log, pid), wandb/.
+
+Replicas are Ray actors restarted when they die; the HTTP router sends requests around a replica
+that is down, and status, history and W&B show how many are up.
 """
 
 from __future__ import annotations
@@ -11,12 +16,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
 from pathlib import Path
 
-from tide.config import TideConfig, to_dict
+from serving.drafts import DraftStore
+from tide.config import ConfigError, TideConfig, to_dict
+
+HISTORY_MB = 64  # history.jsonl is rotated past this (one older file kept)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +52,25 @@ class Controller:
         self.started_at = time.time()
         self._prev: dict | None = None
         self._prev_choices: dict[str, int] = {}  # the policies' passes by source at the last tick
-        self._stream = None  # the records stream, for its length in status
+        self._stream = None  # the records stream, for its figures in status
+        self._weights = None  # the weight channel, to keep each published draft in drafts/
+        self._kept_version = 0
+        self._replica_totals: list[dict | None] = []  # each replica's counters at the last tick
+        self.drafts = DraftStore(self.run_dir / "drafts", cfg.redis.keep_versions)
+        self.weights_key: bytes | None = None
+        self.redis_restarts = 0
 
     # -- start ------------------------------------------------------------------------------
     def start(self) -> None:
+        self._check_secure()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "tide.pid").write_text(str(os.getpid()))
+        from tide.transport.redis_server import process_start_time
+
+        (self.run_dir / "tide.pid").write_text(json.dumps(
+            {"pid": os.getpid(), "start": process_start_time(os.getpid()), "pgid": os.getpgid(0)}))
         self._write_status("starting")
         self.redis_url = self._start_redis()
+        self._resume_draft()
         self._start_ray()
         self._start_actors()
         self._start_http()
@@ -58,6 +79,20 @@ class Controller:
         log.info("tide is up: http://%s:%d (run folder %s)", self.cfg.serving.host,
                  self.cfg.serving.port, self.run_dir)
 
+    def _check_secure(self) -> None:
+        """Refuse what would expose the system: an HTTP front off loopback without an API key, a
+        Redis of the user's own (others may write to it) without a key that signs the weights."""
+        sc, rc = self.cfg.serving, self.cfg.redis
+        if sc.host not in LOOPBACK and not os.environ.get(sc.api_key_env):
+            raise ConfigError(f"serving.host={sc.host} is reachable from other machines: set an API key in "
+                              f"${sc.api_key_env} (clients send it as Authorization: Bearer ...), or bind "
+                              "127.0.0.1")
+        key = os.environ.get(rc.weights_key_env)
+        if (os.environ.get(rc.url_env) or rc.url) and not key:
+            raise ConfigError(f"with a Redis of your own, set ${rc.weights_key_env} (any secret, the same on "
+                              "every machine): replicas apply only drafts signed with it")
+        self.weights_key = key.encode() if key else secrets.token_bytes(32)
+
     def _start_redis(self) -> str:
         url = os.environ.get(self.cfg.redis.url_env) or self.cfg.redis.url
         if url:
@@ -65,18 +100,72 @@ class Controller:
             return url
         from tide.transport.redis_server import start_redis
 
-        self.redis_server = start_redis(self.run_dir / "redis", self.cfg.redis.port or None)
-        log.info("started embedded Redis on 127.0.0.1:%d", self.redis_server.port)
+        rc = self.cfg.redis  # maxmemory: the streams' budgets, the kept drafts and headroom
+        self.redis_server = start_redis(self.run_dir / "redis", rc.port or None,
+                                        maxmemory_mb=rc.records_mb + rc.answers_mb + 256)
+        log.info("started embedded Redis on 127.0.0.1:%d (password in %s)", self.redis_server.port,
+                 self.run_dir / "redis" / "redis.conf")
         return self.redis_server.url
+
+    def _weight_channel(self):
+        from tide.transport.redis_transport import RedisWeightChannel, connect
+
+        if self._weights is None:
+            self._weights = RedisWeightChannel(connect(self.redis_url, 2.0), self.cfg.redis.prefix,
+                                               self.cfg.redis.keep_versions, self.weights_key)
+        return self._weights
+
+    def _resume_draft(self) -> None:
+        """Publish the newest draft kept in the run folder when Redis has nothing newer: the
+        replicas start from it and the trainer's gate compares candidates with it."""
+        from tide.transport.base import TransportError
+
+        kept = self.drafts.newest(self.cfg.model.source, self.cfg.draft.path)
+        if kept is None:
+            return
+        version, data, meta = kept
+        try:
+            channel = self._weight_channel()
+            if channel.latest_version() < version:
+                channel.publish(version, data, meta)
+                log.info("resuming from the kept draft v%d (%s)", version, self.drafts.folder)
+            self._kept_version = version
+        except TransportError as e:
+            log.warning("could not republish the kept draft v%d: %s", version, e)
+
+    def _keep_published(self) -> None:
+        """Write a newly published draft to the run folder (the controller is the one process
+        that has it, wherever the trainer runs)."""
+        from tide.checkpoint import WeightError
+        from tide.transport.base import TransportError
+
+        try:
+            channel = self._weight_channel()
+            latest = channel.latest_version()
+            if latest <= self._kept_version:
+                return
+            got = channel.fetch(latest)
+        except (TransportError, WeightError) as e:
+            log.debug("could not keep the newest draft: %s", e)
+            return
+        if got is not None:
+            data, meta = got
+            self.drafts.save(latest, data, {**meta, "model_source": self.cfg.model.source,
+                                            "draft_path": self.cfg.draft.path})
+            self._kept_version = latest
 
     def _start_ray(self) -> None:
         import ray
 
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only local cluster
         kwargs = {"namespace": "tide", "log_to_driver": True, "logging_level": logging.WARNING}
-        if self.cfg.ray.address:
+        if self.cfg.ray.address:  # a cluster of the user's: its own auth settings apply
             ray.init(address=self.cfg.ray.address, **kwargs)
         else:
+            # a local cluster only this user's processes reach (loopback, no dashboard unless
+            # asked for): Ray's token auth would only stop `ray status` from working
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            os.environ.setdefault("RAY_ROTATION_MAX_BYTES", str(64 << 20))  # Ray's own logs, bounded
+            os.environ.setdefault("RAY_ROTATION_BACKUP_COUNT", "1")
             ray.init(address="local", num_cpus=self.cfg.ray.num_cpus or os.cpu_count(),
                      include_dashboard=self.cfg.ray.dashboard, dashboard_host="127.0.0.1",
                      dashboard_port=self.cfg.ray.dashboard_port, _node_ip_address="127.0.0.1",
@@ -92,14 +181,18 @@ class Controller:
         cfg = to_dict(self.cfg)
         # 0 logical CPUs: replicas share the machine's cores by threads. The trainer asks for
         # online.num_cpus / num_gpus: 0 shares them too (it yields to serving, online.busy_share)
-        self.actors = [ServingActor.options(name=f"tide-serve-{i}", num_cpus=0).remote(
-            cfg, self.redis_url, f"r{i}") for i in range(self.cfg.serving.replicas)]
+        key = self.weights_key.hex()
+        # a replica that dies is restarted by Ray (it reloads the target and measures its costs);
+        # calls are never retried on another life: the client gets a 503 and retries itself
+        self.actors = [ServingActor.options(name=f"tide-serve-{i}", num_cpus=0, max_restarts=-1,
+                                            max_task_retries=0).remote(cfg, self.redis_url, f"r{i}", key)
+                       for i in range(self.cfg.serving.replicas)]
         log.info("loading the target in %d replica(s) and measuring what passes cost ...", len(self.actors))
         ray.get([a.ready.remote() for a in self.actors])
         if self.cfg.online.enabled:  # after the replicas: their cost measurements run undisturbed
             oc = self.cfg.online
             self.trainer = TrainerActor.options(name="tide-trainer", num_cpus=oc.num_cpus, num_gpus=oc.num_gpus,
-                                                max_restarts=-1, max_task_retries=0).remote(cfg, self.redis_url)
+                                                max_restarts=-1, max_task_retries=0).remote(cfg, self.redis_url, key)
             log.info("starting the online trainer ...")
             ray.get(self.trainer.ready.remote())
 
@@ -109,9 +202,10 @@ class Controller:
 
         from serving.http_api import build_app
 
-        max_context = ray.get(self.actors[0].max_context.remote())
-        app = build_app(self.actors, self.cfg.model.source, max_context, self.cfg.serving.max_queue,
-                        self.cfg.serving.api_key_env)
+        info = ray.get(self.actors[0].ready.remote())
+        app = build_app(self.actors, self.cfg.model.source, self.cfg.model.max_context, info["vocab"],
+                        self.cfg.serving)
+        self.http_app = app
         config = uvicorn.Config(app, host=self.cfg.serving.host, port=self.cfg.serving.port,
                                 log_level="warning", access_log=False)
         self.http_server = uvicorn.Server(config)
@@ -139,10 +233,27 @@ class Controller:
             except Exception:
                 log.exception("status tick failed (the system keeps serving)")
 
+    def _check_redis(self) -> None:
+        """The embedded Redis died: start it again on its port with its password (replicas and
+        trainer reconnect by themselves; what was in it is gone, so the kept draft is published
+        again)."""
+        if self.redis_server is None or self.redis_server.process.poll() is None:
+            return
+        from tide.transport.redis_server import start_redis
+
+        log.warning("the embedded Redis exited (code %s); starting it again", self.redis_server.process.returncode)
+        old, rc = self.redis_server, self.cfg.redis
+        self.redis_server = start_redis(old.workdir, old.port, maxmemory_mb=rc.records_mb + rc.answers_mb + 256,
+                                        password=old.password)
+        self.redis_restarts += 1
+        self._kept_version = 0
+        self._resume_draft()
+
     def tick(self) -> dict:
         import ray
 
-        replicas = ray.get([a.stats.remote() for a in self.actors], timeout=10)
+        self._check_redis()
+        replicas = self._replica_stats()
         trainer, trainer_metrics = None, []
         if self.trainer is not None:
             try:
@@ -150,34 +261,72 @@ class Controller:
                 trainer_metrics = ray.get(self.trainer.drain_metrics.remote(), timeout=5)
             except (ray.exceptions.RayError, TimeoutError) as e:
                 trainer = {"error": f"trainer unavailable: {type(e).__name__}"}
-        stream_len = self._stream_length()
+        stream = self._stream_stats()
+        self._keep_published()
+        live = [r for r in replicas if r.get("state") == "up"]
         row = self._window(replicas)
-        row.update(stream_length=stream_len, trainer_step=(trainer or {}).get("trainer_step"),
+        row.update(stream_length=(stream or {}).get("length"), records_lag=(stream or {}).get("lag"),
+                   records_trimmed_unread=(stream or {}).get("trimmed_unread"),
+                   replicas_up=len(live), trainer_step=(trainer or {}).get("trainer_step"),
                    training=(trainer or {}).get("training"), drift=(trainer or {}).get("drift"))
-        with open(self.run_dir / "history.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append_history(row)
         if self.wandb_run is not None:
             self.wandb_run.log({f"serving/{k}": v for k, v in row.items()
                                 if isinstance(v, (int, float)) and v is not None})
             for m in trainer_metrics:
                 self.wandb_run.log(m)
-        self._write_status("ready", replicas, trainer, stream_len, row)
+        if getattr(self, "http_app", None) is not None:
+            self.http_app.state.stream_stats = stream  # for /metrics
+        state = "ready" if len(live) == len(replicas) else "degraded"
+        self._write_status(state, replicas, trainer, stream, row)
         return row
 
+    def _replica_stats(self) -> list[dict]:
+        """Each replica's stats; one that is dead or restarting is {"state": "down", ...}."""
+        import ray
+
+        refs = [a.stats.remote() for a in self.actors]
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append({**ray.get(ref, timeout=10), "state": "up"})
+            except (ray.exceptions.RayError, TimeoutError) as e:
+                out.append({"replica": f"r{i}", "state": "down", "error": type(e).__name__})
+        return out
+
+    def _append_history(self, row: dict) -> None:
+        path = self.run_dir / "history.jsonl"
+        if path.exists() and path.stat().st_size > HISTORY_MB << 20:
+            path.replace(self.run_dir / "history.1.jsonl")  # the one before is dropped
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
     def _window(self, replicas: list[dict]) -> dict:
-        """Acceptance over the last tick (what W&B and the plot show), plus totals."""
-        tot = {k: sum(r.get(k, 0) for r in replicas) for k in
-               ("drafts", "accepted_tokens", "generated_tokens", "decode_s", "requests_ok")}
-        per_pos = [sum(v) for v in zip(*[r.get("accepted_per_pos", []) for r in replicas])]
-        prev = self._prev or {**{k: 0 for k in tot}, "per_pos": [0] * len(per_pos)}
-        d = {k: tot[k] - prev[k] for k in tot}
-        dpos = [a - b for a, b in zip(per_pos, prev["per_pos"])]
-        self._prev = {**tot, "per_pos": per_pos}
-        versions = [r["draft_version"] for r in replicas]
-        policy = self._policy_window(replicas)
+        """Acceptance over the last tick (what W&B and the plot show), plus totals. Counts are
+        differenced per replica: a restarted replica's counters start again from 0."""
+        keys = ("drafts", "accepted_tokens", "generated_tokens", "decode_s", "requests_ok")
+        if len(self._replica_totals) != len(replicas):
+            self._replica_totals = [None] * len(replicas)
+        d = {k: 0.0 for k in keys}
+        dpos: list[float] = []
+        for i, r in enumerate(replicas):
+            if r.get("state") != "up":
+                continue
+            now = {**{k: r.get(k, 0) for k in keys}, "per_pos": list(r.get("accepted_per_pos", []))}
+            prev = self._replica_totals[i]
+            if prev is None or now["requests_ok"] < prev["requests_ok"]:  # first tick, or a new life
+                prev = {**{k: 0 for k in keys}, "per_pos": [0] * len(now["per_pos"])}
+            for k in keys:
+                d[k] += now[k] - prev[k]
+            delta = [a - b for a, b in zip(now["per_pos"], prev["per_pos"])]
+            dpos = [a + b for a, b in zip(dpos, delta)] if dpos else delta
+            self._replica_totals[i] = now
+        live = [r for r in replicas if r.get("state") == "up"]
+        policy = self._policy_window(live)
         row = {"t": round(time.time(), 3), "elapsed_s": round(time.time() - self.started_at, 1),
-               "draft_version": max(versions), "requests": tot["requests_ok"],
-               "generated_tokens": tot["generated_tokens"]}
+               "draft_version": max((r["draft_version"] for r in live), default=None),
+               "requests": sum(r.get("requests_ok", 0) for r in live),
+               "generated_tokens": sum(r.get("generated_tokens", 0) for r in live)}
         if d["drafts"] > 0:
             row["accept_len"] = round((d["accepted_tokens"] + d["drafts"]) / d["drafts"], 4)
             row["tok_s"] = round(d["generated_tokens"] / max(d["decode_s"], 1e-9), 2)
@@ -207,35 +356,46 @@ class Controller:
                 row[f"{kind}_speedup"] = round(sum(v * n for v, n in vals) / sum(n for _, n in vals), 4)
         return row
 
-    def _stream_length(self) -> int | None:
+    def _stream_stats(self) -> dict | None:
+        """The records stream: length, bytes, lag (not read by the trainer yet), trimmed unread."""
         from tide.transport.base import TransportError
         from tide.transport.redis_transport import RedisRecordStream, connect
 
         if self._stream is None:  # one client for the controller's life, not one per tick
-            self._stream = RedisRecordStream(connect(self.redis_url, 1.0), self.cfg.redis.prefix)
+            self._stream = RedisRecordStream(connect(self.redis_url, 1.0), self.cfg.redis.prefix,
+                                             self.cfg.redis.records_mb << 20)
         try:
-            return self._stream.length()
+            return self._stream.stats()
         except TransportError:
             return None
 
-    def _write_status(self, state: str, replicas=None, trainer=None, stream_len=None, row=None) -> None:
+    def _write_status(self, state: str, replicas=None, trainer=None, stream=None, row=None) -> None:
         replicas = replicas or []
+        live = [r for r in replicas if r.get("state") == "up"]
+        full = any(r.get("record_store_full") for r in live)
         status = {
             "state": state, "pid": os.getpid(), "run_dir": str(self.run_dir),
             "http": f"http://{self.cfg.serving.host}:{self.cfg.serving.port}",
             "redis": redact(getattr(self, "redis_url", "") or ""),
-            "draft_version": max((r["draft_version"] for r in replicas), default=None),
-            "served_tokens": sum(r.get("generated_tokens", 0) for r in replicas),
-            "requests": sum(r.get("requests_ok", 0) for r in replicas),
-            "acceptance_ema": [r.get("accept_len_ema") for r in replicas],
-            "last_window": row, "stream_length": stream_len,
+            "replicas_up": f"{len(live)}/{len(replicas)}" if replicas else None,
+            "draft_version": max((r["draft_version"] for r in live), default=None),
+            "kept_draft": self._kept_version or None,
+            "served_tokens": sum(r.get("generated_tokens", 0) for r in live),
+            "requests": sum(r.get("requests_ok", 0) for r in live),
+            "acceptance_ema": [r.get("accept_len_ema") for r in live],
+            "last_window": row, "stream_length": (stream or {}).get("length"),
+            # the records stream: bytes held, entries the trainer has not read (lag), entries the
+            # byte budget trimmed before it read them; "full": Redis refused writes (maxmemory)
+            "redis_restarts": self.redis_restarts,
+            "records": {**(stream or {}), "budget_mb": self.cfg.redis.records_mb,
+                        "redis_full": full} if stream is not None else {"redis": "unreachable"},
             "trainer_step": (trainer or {}).get("trainer_step"),
             # what each replica's speculation policy drafts, and its predicted vs measured speedup
             "policy": [{"replica": r["replica"], **{k: r["policy"].get(k) for k in
                         ("choices", "predicted_speedup", "measured_speedup", "acceptance")}}
-                       for r in replicas if r.get("policy")],
+                       for r in live if r.get("policy")],
             "last_swap": max(({"at": r["last_swap_at"], "latency_s": r["last_swap_latency_s"],
-                               "replica": r["replica"]} for r in replicas if r.get("last_swap_at")),
+                               "replica": r["replica"]} for r in live if r.get("last_swap_at")),
                              key=lambda s: s["at"], default=None),
             "replicas": replicas, "trainer": trainer, "updated_at": time.time(),
         }

@@ -15,6 +15,7 @@ learned between requests (the history, like the head, only changes under the dec
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -120,11 +121,10 @@ class ServingEngine:
                  on_tokens=None) -> dict:
         request_id = request_id or uuid.uuid4().hex
 
-        def stream(tokens: list[int]) -> None:
+        def stream(tokens: list[int]) -> bool:  # True: a stop string ends decoding here
             if request_id in self._cancelled:
                 raise Cancelled(f"request {request_id} was cancelled")
-            if on_tokens is not None:
-                on_tokens(tokens)
+            return on_tokens is not None and bool(on_tokens(tokens))
 
         with self._admit_lock:
             if self._waiting > self.cfg.serving.max_queue:  # one decoding + max_queue waiting
@@ -270,17 +270,20 @@ class ServingEngine:
                     if down:
                         log.info("answer stream reachable again")
                     down = False
+                    if self._shared and self._decode_lock.acquire(blocking=False):
+                        try:
+                            self._learn_shared()
+                        finally:
+                            self._decode_lock.release()
                 except TransportError as e:
                     if not down:
                         log.warning("answer stream unreachable, retrying: %s", e)
                     down = True
                     self._stop.wait(retry_s)
-                    continue
-                if self._shared and self._decode_lock.acquire(blocking=False):
-                    try:
-                        self._learn_shared()
-                    finally:
-                        self._decode_lock.release()
+                except Exception:  # noqa: BLE001 - the sync outlives any bad entry
+                    self.stats_["answer_sync_errors"] = self.stats_.get("answer_sync_errors", 0) + 1
+                    log.exception("answer sync failed; syncing on")
+                    self._stop.wait(retry_s)
 
         threading.Thread(target=loop, name="answer-sync", daemon=True).start()
 
@@ -298,6 +301,8 @@ class ServingEngine:
                 got = self.weights.fetch(latest)
                 if got is not None:
                     self._validate(latest, *got)
+        except WeightError as e:  # a blob whose signature or metadata is bad: never applied
+            self._reject(latest, e)
         except TransportError as e:
             log.debug("weight poll failed: %s", e)
         if self._pending is not None and self._decode_lock.acquire(blocking=False):
@@ -309,17 +314,25 @@ class ServingEngine:
 
     def _validate(self, version: int, data: bytes, meta: dict) -> None:
         try:
+            # a draft's blob is the head's tensors in fp32 plus a small header: far more is not one
+            # (and is not parsed: it could be anything)
+            limit = 2 * sum(t.numel() * 4 for t in self.head.state_dict().values()) + (1 << 20)
+            if len(data) > limit:
+                raise WeightError(f"blob of {len(data)} bytes; a draft for this head is under {limit}")
             state = state_from_bytes(data)
             validate_state(self.head, state)
         except WeightError as e:
-            self._rejected_versions.add(version)
-            self.stats_["swaps_rejected"] += 1
-            self.stats_["last_swap_error"] = f"v{version}: {e}"
-            log.warning("rejected draft v%d, keeping v%d: %s", version, self.version, e)
+            self._reject(version, e)
             return
         with self._pending_lock:
             if self._pending is None or self._pending[0] < version:
                 self._pending = (version, state, meta)
+
+    def _reject(self, version: int, e: Exception) -> None:
+        self._rejected_versions.add(version)
+        self.stats_["swaps_rejected"] += 1
+        self.stats_["last_swap_error"] = f"v{version}: {e}"
+        log.warning("rejected draft v%d, keeping v%d: %s", version, self.version, e)
 
     def _apply_pending(self) -> bool:
         """Under the decode lock, between passes: swap the validated draft in, in place."""
@@ -360,10 +373,11 @@ class ServingEngine:
 
     def stats(self) -> dict:
         s = dict(self.stats_)
-        s.update(replica=self.replica, draft_version=self.version, queued=self._waiting)
+        s.update(replica=self.replica, draft_version=self.version, queued=self._waiting, pid=os.getpid())
         if self.writer is not None:
             s.update(records_written=self.writer.written, records_dropped=self.writer.dropped,
-                     record_stream_connected=self.writer.connected)
+                     records_oversized=self.writer.oversized, record_stream_connected=self.writer.connected,
+                     record_store_full=self.writer.full)
         if self.history is not None:
             s.update(history_answers=len(self.history), history_tokens=self.history.tokens)
         if self._answer_writer is not None:

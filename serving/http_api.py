@@ -1,14 +1,19 @@
 """OpenAI-compatible HTTP front over the serving actors.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as SSE),
-GET /v1/models, GET /health, GET /metrics (Prometheus text). Requests go to the replica with
-the fewest in-flight requests; when every replica's queue is full the answer is 429 at once.
+GET /v1/models, GET /health, GET /metrics (Prometheus text). Requests go to the least loaded
+replica that is up (serving.router); a full queue answers 429, no live replica or a replica that
+dies mid-request a retryable 503, a call past serving.request_timeout_s 504. A client that goes
+away (streaming or not) frees its slot and stops its decoding at the next verify pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import json
+import logging
 import os
 import time
 import uuid
@@ -17,73 +22,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from serving.metrics import prometheus_text
+from serving.requests import ApiError, cut_at_stop, decode_params, prompt_of, read_body
+from serving.router import Router
+from tide.config import ServingConfig
 
-SUPPORTED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
-             "top_p", "stop", "seed", "n", "stream", "user", "stream_options", "top_k"}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+log = logging.getLogger(__name__)
+SMALL_CALL_S = 30.0  # tokenize, detokenize, stats: anything but decoding
 
 
-def _err(status: int, message: str, kind: str = "invalid_request_error", param=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
-                        status_code=status)
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
 
 
-class Router:
-    """Least-in-flight routing with a bounded queue per replica."""
-
-    def __init__(self, actors: list, max_queue: int):
-        self.actors = actors
-        self.inflight = [0] * len(actors)
-        self.max_queue = max_queue
-
-    def acquire(self) -> int:
-        i = min(range(len(self.actors)), key=lambda j: self.inflight[j])
-        if self.inflight[i] > self.max_queue:  # one decoding + max_queue waiting
-            raise ApiError(429, "all replicas are busy; retry later", "rate_limit_error")
-        self.inflight[i] += 1
-        return i
-
-    def release(self, i: int) -> None:
-        self.inflight[i] -= 1
-
-
-def _params(body: dict, max_tokens_cap: int) -> dict:
-    unknown = sorted(set(body) - SUPPORTED)
-    if unknown:
-        raise ApiError(400, f"unsupported parameter(s): {', '.join(unknown)}", param=unknown[0])
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
-    mt = body.get("max_tokens", body.get("max_completion_tokens", 128))
-    if not isinstance(mt, int) or isinstance(mt, bool) or not 1 <= mt <= max_tokens_cap:
-        raise ApiError(400, f"max_tokens must be an integer in [1, {max_tokens_cap}]", param="max_tokens")
-    temp = body.get("temperature", 0.0)
-    if not isinstance(temp, (int, float)) or isinstance(temp, bool) or not 0 <= temp <= 2:
-        raise ApiError(400, "temperature must be a number in [0, 2]", param="temperature")
-    top_p = body.get("top_p", 1.0)
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
-        raise ApiError(400, "top_p must be a number in (0, 1]", param="top_p")
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ApiError(400, "seed must be an integer", param="seed")
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
-                             or len(stop) > 4):
-        raise ApiError(400, "stop must be a non-empty string or a list of up to 4", param="stop")
-    return {"max_new_tokens": mt, "temperature": float(temp), "top_p": float(top_p), "seed": seed,
-            "stop": stop or []}
-
-
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cuts = [text.find(s) for s in stops if s in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
+def _err(e: ApiError) -> JSONResponse:
+    headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
+    return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}},
+                        status_code=e.status, headers=headers)
 
 
 def _usage(result: dict) -> dict:
@@ -96,30 +50,44 @@ def _usage(result: dict) -> dict:
                      "acceptance_length": result["accept_len"], "replica": result["replica"]}}
 
 
-def build_app(actors: list, model_id: str, max_context: int, max_queue: int,
-              api_key_env: str = "TIDE_API_KEY") -> FastAPI:
+def build_app(actors: list, model_id: str, max_context: int, vocab: int, cfg: ServingConfig) -> FastAPI:
     app = FastAPI(title="tide", docs_url=None, redoc_url=None)
-    router = Router(actors, max_queue)
-    api_key = os.environ.get(api_key_env) or None
-    counters = {"ok": 0, "client_error": 0, "server_error": 0, "rejected": 0}
-    app.state.router = router
+    router = Router(actors, cfg.max_queue)
+    api_key = (os.environ.get(cfg.api_key_env) or "").encode() or None
+    counters = {"ok": 0, "client_error": 0, "server_error": 0, "rejected": 0, "unavailable": 0,
+                "client_gone": 0}
+    app.state.router, app.state.counters = router, counters
+    timeout_s = cfg.request_timeout_s
+
+    @app.on_event("startup")
+    async def start_probe():
+        async def loop():
+            while True:
+                with contextlib.suppress(Exception):
+                    await router.probe()
+                await asyncio.sleep(1.0)
+
+        app.state.probe = asyncio.create_task(loop())
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
         if api_key and request.url.path != "/health":
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return _err(401, "missing or wrong API key (Authorization: Bearer ...)",
-                            "authentication_error")
+            sent = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(sent, b"Bearer " + api_key):  # constant time
+                return _err(ApiError(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                     "authentication_error"))
         return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, e: ApiError):
-        counters["rejected" if e.status == 429 else "client_error"] += 1
-        return _err(e.status, e.message, e.kind, e.param)
+        counters["rejected" if e.status == 429 else "unavailable" if e.status == 503
+                 else "server_error" if e.status >= 500 else "client_error"] += 1
+        return _err(e)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        h = router.health()
+        return JSONResponse(h, status_code=200 if h["replicas_up"] else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -128,142 +96,180 @@ def build_app(actors: list, model_id: str, max_context: int, max_queue: int,
 
     @app.get("/metrics")
     async def metrics():
-        stats = list(await asyncio.gather(*[a.stats.remote() for a in actors]))  # fresh, per scrape
-        return PlainTextResponse(prometheus_text(stats, counters),
+        async def one(i, a):
+            if router.down_since[i] is not None:
+                return None
+            with contextlib.suppress(Exception):
+                return await asyncio.wait_for(a.stats.remote(), 5.0)
+            return None
+
+        stats = [s for s in await asyncio.gather(*(one(i, a) for i, a in enumerate(actors))) if s]
+        return PlainTextResponse(prometheus_text(stats, counters, router.health(),
+                                                 getattr(app.state, "stream_stats", None)),
                                  media_type="text/plain; version=0.0.4")
 
-    async def _body(request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ApiError(400, "request body is not UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"request body is not valid JSON: {e.msg}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        return body
+    def _failure(i: int, e: Exception) -> ApiError:
+        """What a failed actor call means to the client."""
+        import ray
+
+        if isinstance(e, ApiError):
+            return e
+        if isinstance(e, ray.exceptions.RayActorError):
+            router.mark_down(i, type(e).__name__)
+            return ApiError(503, f"replica {i} stopped during the request (it restarts); retry",
+                            "service_unavailable", retry_after_s=2)
+        if isinstance(e, asyncio.TimeoutError):
+            return ApiError(504, f"the replica did not answer within {timeout_s:g} s "
+                                 "(serving.request_timeout_s)", "timeout_error")
+        if "Overloaded" in type(e).__name__ or "Overloaded" in str(e)[:300]:
+            return ApiError(429, "replica queue is full; retry later", "rate_limit_error", retry_after_s=1)
+        log.error("generation failed: %s", str(e)[-2000:])
+        return ApiError(500, f"generation failed: {type(e).__name__}", "server_error")
+
+    async def _until_done_or_gone(request: Request, ref, rid: str, actor):
+        """The actor call's result, or ClientGone (the replica is told to stop) if the client
+        disconnects first."""
+        task = asyncio.ensure_future(asyncio.wait_for(ref, timeout_s))
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                actor.cancel.remote(rid)
+                task.cancel()
+                raise ClientGone(rid)
 
     async def _run(request: Request, chat: bool):
-        body = await _body(request)
-        params = _params(body, max_context - 1)
-        if chat:
-            msgs = body.get("messages")
-            if (not isinstance(msgs, list) or not msgs or not all(
-                    isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in
-                    ("system", "user", "assistant") for m in msgs)):
-                raise ApiError(400, "messages must be a non-empty list of {role, content} objects",
-                               param="messages")
-            if not any(m["content"].strip() for m in msgs):
-                raise ApiError(400, "messages are empty", param="messages")
-            prompt_kw = {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ApiError(400, "prompt must be a non-empty string", param="prompt")
-            prompt_kw = {"prompt": prompt}
+        body = await read_body(request, cfg.max_body_bytes)
+        params = decode_params(body, max_context - 1, vocab)
+        prompt_kw = prompt_of(body, chat, cfg.max_prompt_chars)
+        stream = params.pop("stream")
         i = router.acquire()
+        released = False
+
+        def release():
+            nonlocal released
+            if not released:
+                released = True
+                router.release(i)
+
+        actor = actors[i]
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         try:
-            actor = actors[i]
-            ids = await actor.tokenize.remote(**prompt_kw)
+            ids = await asyncio.wait_for(actor.tokenize.remote(**prompt_kw), SMALL_CALL_S)
             if len(ids) + 1 > max_context:
                 raise ApiError(400, f"prompt is {len(ids)} tokens; the context holds {max_context}: "
                                     "shorten it", param="messages" if chat else "prompt")
             params["max_new_tokens"] = min(params["max_new_tokens"], max_context - len(ids))
-            stops = params.pop("stop")
-            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-            if body.get("stream"):
-                return _stream(actor, i, ids, params, stops, rid, chat, body)
-            result = await actor.generate.remote(ids, params, rid)
-        except ApiError:
-            router.release(i)
-            raise
+            if stream:
+                resp = StreamingResponse(_events(request, actor, i, ids, params, rid, chat, release),
+                                         media_type="text/event-stream")
+                resp.release = release
+                return resp
+            result = await _until_done_or_gone(request, actor.generate.remote(ids, params, rid), rid, actor)
+        except ClientGone:
+            counters["client_gone"] += 1
+            release()
+            return PlainTextResponse("", status_code=499)  # nobody reads it
         except Exception as e:
-            router.release(i)
-            if "Overloaded" in type(e).__name__ or "Overloaded" in str(e)[:300]:
-                counters["rejected"] += 1  # the replica's own queue bound (Ray wraps the error)
-                return _err(429, "replica queue is full; retry later", "rate_limit_error")
-            counters["server_error"] += 1
-            return _err(500, f"generation failed: {type(e).__name__}", "server_error")
-        router.release(i)
+            release()
+            raise _failure(i, e) from None
+        release()
         counters["ok"] += 1
-        text, stopped = _cut_at_stop(result["text"], stops)
+        text, stopped = cut_at_stop(result["text"], params["stop"])
         finish = "stop" if stopped else result["finish_reason"]
-        created = int(time.time())
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            obj = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            obj = "text_completion"
-        return {"id": rid, "object": obj, "created": created, "model": model_id, "choices": [choice],
-                "usage": _usage(result)}
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": model_id, "choices": [choice], "usage": _usage(result)}
 
-    def _stream(actor, i, ids, params, stops, rid, chat, body):
-        async def events():
-            created = int(time.time())
-            obj = "chat.completion.chunk" if chat else "text_completion"
-            sent, done = "", False
+    async def _events(request, actor, i, ids, params, rid, chat, release):
+        """SSE chunks as the verify passes finish. The slot is released however this ends: the
+        stream runs out, the client leaves (starlette cancels this generator, or never starts
+        it: see the background task below), or the replica fails."""
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        stops = params["stop"]
+        sent = ""
 
-            def chunk(delta_text, finish=None, usage=None):
-                if chat:
-                    delta = {"content": delta_text} if delta_text else {}
-                    if not sent and delta_text:
-                        delta["role"] = "assistant"
-                    c = {"index": 0, "delta": delta, "finish_reason": finish}
+        def chunk(delta_text, finish=None, usage=None):
+            if chat:
+                delta = {"content": delta_text} if delta_text else {}
+                if not sent and delta_text:
+                    delta["role"] = "assistant"
+                c = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                c = {"index": 0, "text": delta_text, "finish_reason": finish, "logprobs": None}
+            out = {"id": rid, "object": obj, "created": created, "model": model_id, "choices": [c]}
+            if usage is not None:
+                out["usage"] = usage
+            return f"data: {json.dumps(out)}\n\n"
+
+        tokens: list[int] = []
+        finished = False
+        try:
+            gen = actor.generate_stream.options(num_returns="streaming").remote(ids, params, rid)
+            async for ref in gen:
+                item = await asyncio.wait_for(ref, timeout_s)
+                if await request.is_disconnected():
+                    counters["client_gone"] += 1
+                    return  # `finally` stops the decoding
+                if "tokens" in item and "request_id" not in item:
+                    tokens += item["tokens"]
+                    text = await asyncio.wait_for(actor.detokenize.remote(tokens), SMALL_CALL_S)
+                    if text.endswith("\ufffd"):
+                        continue  # a multi-byte character is still incomplete
+                    text, _ = cut_at_stop(text, stops)
+                    if len(text) > len(sent):
+                        yield chunk(text[len(sent):])
+                        sent = text
                 else:
-                    c = {"index": 0, "text": delta_text, "finish_reason": finish, "logprobs": None}
-                out = {"id": rid, "object": obj, "created": created, "model": model_id, "choices": [c]}
-                if usage is not None:
-                    out["usage"] = usage
-                return f"data: {json.dumps(out)}\n\n"
-
-            tokens: list[int] = []
-            finished = False
-            try:
-                gen = actor.generate_stream.options(num_returns="streaming").remote(ids, params, rid)
-                async for ref in gen:
-                    item = await ref
-                    if "tokens" in item and "request_id" not in item:
-                        if done:
-                            continue
-                        tokens += item["tokens"]
-                        text = await actor.detokenize.remote(tokens)
-                        if text.endswith("\ufffd"):
-                            continue  # a multi-byte character is still incomplete
-                        text, stopped = _cut_at_stop(text, stops)
-                        if len(text) > len(sent):
-                            yield chunk(text[len(sent):])
-                            sent = text
-                        done = stopped
-                    else:
-                        text, stopped = _cut_at_stop(item["text"], stops)
-                        if len(text) > len(sent) and not done:
-                            yield chunk(text[len(sent):])
-                            sent = text
-                        finish = "stop" if (stopped or done) else item["finish_reason"]
-                        finished = True
-                        yield chunk("", finish, _usage(item))
-                counters["ok"] += 1
-                yield "data: [DONE]\n\n"
-            except Exception as e:
-                counters["server_error"] += 1
-                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
-            finally:
-                if not finished:  # the client went away: free the replica, not only our slot
+                    text, stopped = cut_at_stop(item["text"], stops)
+                    if len(text) > len(sent):
+                        yield chunk(text[len(sent):])
+                        sent = text
+                    finished = True
+                    yield chunk("", "stop" if stopped else item["finish_reason"], _usage(item))
+            counters["ok"] += 1
+            yield "data: [DONE]\n\n"
+        except Exception as e:
+            err = _failure(i, e)
+            counters["unavailable" if err.status == 503 else "server_error"] += 1
+            yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.kind, 'code': err.status}})}\n\n"
+        finally:
+            if not finished:  # the client went away or the replica failed: stop the decoding
+                with contextlib.suppress(Exception):
                     actor.cancel.remote(rid)
-                router.release(i)
+            release()
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+    def _streaming(request: Request, chat: bool):
+        async def handler():
+            resp = await _run(request, chat)
+            if isinstance(resp, StreamingResponse):
+                # runs after the response, even when the client left before the first chunk
+                # and the generator never started (its `finally` would never run)
+                gen = resp.body_iterator
+
+                async def cleanup():
+                    with contextlib.suppress(Exception):
+                        await gen.aclose()
+                    resp.release()
+
+                from starlette.background import BackgroundTask
+
+                resp.background = BackgroundTask(cleanup)
+            return resp
+
+        return handler()
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _run(request, chat=False)
+        return await _streaming(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await _run(request, chat=True)
+        return await _streaming(request, chat=True)
 
     return app

@@ -11,12 +11,34 @@ import time
 from pathlib import Path
 
 
-def _alive(pid: int) -> bool:
+def _recorded(path: Path) -> dict | None:
+    """{"pid", "start"[, "pgid"]} from a pid file; None if there is none or it is unreadable."""
     try:
-        os.kill(pid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
+        rec = json.loads(path.read_text())
+        return rec if isinstance(rec, dict) and isinstance(rec.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _same_process(rec: dict | None) -> bool:
+    """The recorded process is still running: same pid and same start time (not a reused pid)."""
+    from tide.transport.redis_server import process_start_time
+
+    if not rec or rec["pid"] <= 1 or rec.get("start") is None:
         return False
+    return process_start_time(rec["pid"]) == rec["start"]
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Processes still in a process group (a crashed controller's Ray processes)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 def read_status(run_dir: Path) -> dict | None:
@@ -26,11 +48,14 @@ def read_status(run_dir: Path) -> dict | None:
         return None
 
 
+def running(run_dir: Path) -> bool:
+    return _same_process(_recorded(run_dir / "tide.pid"))
+
+
 def up(run_dir: Path, config: str | None, overrides: list[str], timeout_s: float = 600) -> int:
-    pid_file = run_dir / "tide.pid"
-    if pid_file.exists() and _alive(int(pid_file.read_text() or 0)):
-        print(f"tide is already running from {run_dir} (pid {pid_file.read_text()}); `tide down` first",
-              file=sys.stderr)
+    rec = _recorded(run_dir / "tide.pid")
+    if _same_process(rec):
+        print(f"tide is already running from {run_dir} (pid {rec['pid']}); `tide down` first", file=sys.stderr)
         return 1
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "status.json").unlink(missing_ok=True)
@@ -62,23 +87,43 @@ def up(run_dir: Path, config: str | None, overrides: list[str], timeout_s: float
 
 
 def down(run_dir: Path, timeout_s: float = 60) -> int:
-    pid_file = run_dir / "tide.pid"
-    if not pid_file.exists():
+    """Stop what `tide up` started from this run folder, and only that: the controller if the pid
+    file names it (same pid and start time), else what a crashed one left (its process group,
+    the embedded Redis)."""
+    pid_file, redis_pid_file = run_dir / "tide.pid", run_dir / "redis" / "redis.pid"
+    rec, redis_rec = _recorded(pid_file), _recorded(redis_pid_file)
+    if rec is None and redis_rec is None:
         print(f"nothing to stop in {run_dir}", file=sys.stderr)
-        return 0
-    pid = int(pid_file.read_text() or 0)
-    if not _alive(pid):
         pid_file.unlink(missing_ok=True)
-        print(f"tide (pid {pid}) was not running", file=sys.stderr)
         return 0
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and _alive(pid):
-        time.sleep(0.2)
-    if _alive(pid):  # last resort: only the process group that `tide up` created
-        os.killpg(os.getpgid(pid), signal.SIGKILL)
+    if _same_process(rec):
+        pid = rec["pid"]
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + timeout_s
+        while time.time() < deadline and _same_process(rec):
+            time.sleep(0.2)
+        if _same_process(rec):
+            os.kill(pid, signal.SIGKILL)
+        print(f"stopped tide (pid {pid})", file=sys.stderr)
+    elif rec is not None:
+        print(f"tide (pid {rec['pid']}) was not running", file=sys.stderr)
+    # what a controller that died without cleaning up leaves: Ray's processes in its group
+    pgid = (rec or {}).get("pgid")
+    if isinstance(pgid, int) and pgid > 1 and not _same_process(rec) and _group_members(pgid):
+        os.killpg(pgid, signal.SIGTERM)
+        time.sleep(1.0)
+        if _group_members(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+        print(f"stopped what the controller left running (process group {pgid})", file=sys.stderr)
+    if _same_process(redis_rec):
+        os.kill(redis_rec["pid"], signal.SIGTERM)
+        print(f"stopped the embedded Redis (pid {redis_rec['pid']})", file=sys.stderr)
     pid_file.unlink(missing_ok=True)
-    print(f"stopped tide (pid {pid})", file=sys.stderr)
+    redis_pid_file.unlink(missing_ok=True)
+    st = read_status(run_dir)
+    if st is not None and st.get("state") not in ("stopped", None):
+        st["state"] = "stopped"
+        (run_dir / "status.json").write_text(json.dumps(st, indent=2))
     return 0
 
 
@@ -87,7 +132,7 @@ def status(run_dir: Path) -> int:
     if st is None:
         print(json.dumps({"state": "not running", "run_dir": str(run_dir)}))
         return 1
-    if st.get("state") == "ready" and not _alive(int(st.get("pid", 0))):
-        st["state"] = "dead (controller exited without cleanup)"
+    if st.get("state") in ("ready", "degraded", "starting") and not _same_process(_recorded(run_dir / "tide.pid")):
+        st["state"] = "dead (controller exited without cleanup; `tide down` stops what it left)"
     print(json.dumps(st, indent=2))
-    return 0 if st.get("state") == "ready" else 1
+    return 0 if st.get("state") in ("ready", "degraded") else 1

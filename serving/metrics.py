@@ -10,8 +10,11 @@ def _line(name: str, value, labels: dict | None = None) -> str:
     return f"{name}{lab} {float(value) if value is not None else 0.0}"
 
 
-def prometheus_text(replicas: list[dict], http: dict) -> str:
-    """replicas: ServingEngine.stats() of each replica; http: request counts by status."""
+def prometheus_text(replicas: list[dict], http: dict, health: dict | None = None,
+                    stream: dict | None = None) -> str:
+    """replicas: ServingEngine.stats() of the replicas that answered; http: request counts by
+    status; health: the router's view of each replica (up, restarts); stream: the records
+    stream's figures (the controller's last tick)."""
     out: list[str] = []
 
     def metric(name, kind, help_, samples):
@@ -60,6 +63,21 @@ def prometheus_text(replicas: list[dict], http: dict) -> str:
            "acceptance of draft position i when reached, by source, as the policy estimates it",
            [({"replica": name, "source": src, "position": i}, v) for name, p in policies
             for src, rates in p.get("acceptance", {}).items() for i, v in enumerate(rates)])
+    if health is not None:
+        metric("tide_replica_up", "gauge", "1 while the router sends the replica requests, 0 while it is down",
+               [({"replica": f"r{h['replica']}"}, int(h["up"])) for h in health["replicas"]])
+        metric("tide_replica_restarts_total", "counter", "times the replica came back after being down",
+               [({"replica": f"r{h['replica']}"}, h["restarts"]) for h in health["replicas"]])
+    if stream:
+        metric("tide_records_stream_bytes", "gauge", "bytes the records stream holds (redis.records_mb caps it)",
+               [({}, stream.get("bytes"))])
+        metric("tide_records_consumer_lag", "gauge", "records in the stream the trainer has not read yet",
+               [({}, stream.get("lag"))])
+        metric("tide_records_trimmed_unread_total", "counter",
+               "records the stream's byte budget trimmed before the trainer read them",
+               [({}, stream.get("trimmed_unread"))])
+    metric("tide_records_store_full", "gauge", "1 while Redis refuses the replica's record writes (maxmemory)",
+           [({"replica": r["replica"]}, int(bool(r.get("record_store_full")))) for r in replicas])
     metric("tide_http_requests_total", "counter", "HTTP requests by status",
            [({"status": k}, v) for k, v in http.items()])
     return "\n".join(out) + "\n"

@@ -1,6 +1,6 @@
 """Streams records to a RecordStream (or answers to an AnswerStream) from a background thread,
-so that a slow or absent Redis never blocks or fails a request: when the queue is full or the
-store is down, entries are dropped and counted, and the writer keeps retrying the connection."""
+so that a slow, absent or full Redis never blocks or fails a request: when the queue is full or
+the store is down or full, entries are dropped and counted, and the writer keeps retrying."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import queue
 import threading
 import time
 
-from tide.transport.base import TransportError
+from tide.transport.base import RecordTooLarge, StoreFull, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +20,11 @@ class AsyncRecordWriter:
         self.retry_s = retry_s
         self._q: queue.Queue[bytes] = queue.Queue(maxsize=max_pending)
         self.written = 0
-        self.dropped = 0
+        self.dropped = 0  # every entry not written, whatever the reason
+        self.oversized = 0  # ... of which larger than the stream's whole budget
+        self.errors = 0  # ... of which failed for a reason other than the store
         self.connected = True
+        self.full = False  # the store answered "full" (Redis at maxmemory) on the last try
         self._down_until = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{what}-writer", daemon=True)
@@ -48,15 +51,24 @@ class AsyncRecordWriter:
             try:
                 self.stream.append(data)
                 self.written += 1
-                if not self.connected:
-                    log.info("%s stream reachable again", self.what)
-                self.connected = True
+                if not self.connected or self.full:
+                    log.info("%s stream writable again", self.what)
+                self.connected, self.full = True, False
+            except RecordTooLarge as e:  # this one entry: the store is fine
+                self.dropped += 1
+                self.oversized += 1
+                log.warning("dropping a %s: %s", self.what, e)
             except TransportError as e:
                 self.dropped += 1
-                if self.connected:
-                    log.warning("%s stream unreachable, dropping %ss: %s", self.what, self.what, e)
-                self.connected = False
+                if self.connected and not self.full:
+                    log.warning("%s stream not writable, dropping %ss: %s", self.what, self.what, e)
+                self.full = isinstance(e, StoreFull)
+                self.connected = self.full  # a full store is reachable
                 self._down_until = time.monotonic() + self.retry_s
+            except Exception:  # noqa: BLE001 - the writer outlives anything one entry does
+                self.dropped += 1
+                self.errors += 1
+                log.exception("%s writer: unexpected error; writing on", self.what)
 
     def close(self, timeout: float = 2.0) -> None:
         deadline = time.monotonic() + timeout

@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     u = sub.add_parser("up", help="start Redis, Ray, serving actors, trainer, HTTP and W&B")
     u.add_argument("--run-dir", default="runs/latest", help="logs, status and history go here")
     u.add_argument("--foreground", action="store_true", help="stay attached (Ctrl-C stops)")
+    u.add_argument("--fresh", action="store_true",
+                   help="start from the configured draft, not the drafts this run folder kept")
     _common(u)
 
     for name, text in [("down", "stop what `tide up` started"), ("status", "live state as JSON")]:
@@ -254,6 +256,10 @@ def cmd_up(args) -> int:
 
     cfg = _cfg(args)  # validate here: a bad config fails before anything starts
     run_dir = Path(args.run_dir)
+    if args.fresh and not launcher.running(run_dir):
+        import shutil
+
+        shutil.rmtree(run_dir / "drafts", ignore_errors=True)
     if args.foreground:
         from serving.controller import run_foreground
 

@@ -121,7 +121,8 @@ class OnlineConfig:
 
     enabled: bool = True  # false: a static draft (the comparison run)
     lr: float = 1e-3  # fine-tuning rate (the warm start's train.lr is for a fresh head)
-    buffer_records: int = 256  # replay buffer of recent records
+    buffer_records: int = 256  # replay buffer of recent records, at most this many
+    buffer_mb: int = 512  # ... and at most this many MB of them (the oldest go first)
     recent_records: int = 32  # half of every batch comes from the newest this many: new traffic
     # is learned within minutes, the other half replays the whole buffer against forgetting
     holdout_every: int = 4  # every n-th record is held out for the eval gate
@@ -150,8 +151,12 @@ class RedisConfig:
     url: str | None = None  # null: start an embedded redis-server on 127.0.0.1
     url_env: str = "TIDE_REDIS_URL"  # when this env var is set it wins (passwords stay out of files)
     prefix: str = "tide"
-    stream_maxlen: int = 2000  # records stream cap (XADD MAXLEN ~)
-    answers_maxlen: int = 2000  # answers the replicas share (serving.history_share), same kind of cap
+    records_mb: int = 256  # the records stream's byte budget: the oldest are trimmed past it
+    answers_mb: int = 16  # the answers the replicas share (serving.history_share), the same way
+    keep_versions: int = 3  # published drafts kept in Redis (and in the run folder's drafts/)
+    # signs published drafts (HMAC-SHA256) so replicas apply only the trainer's. Required with a
+    # Redis of your own (redis.url); the embedded one gets a random key per `tide up`
+    weights_key_env: str = "TIDE_WEIGHTS_KEY"
     port: int = 0  # embedded server port; 0 picks a free one
 
 
@@ -174,7 +179,11 @@ class ServingConfig:
     threads: int = 1  # torch threads per replica
     host: str = "127.0.0.1"  # HTTP front (OpenAI-compatible)
     port: int = 8000
-    api_key_env: str = "TIDE_API_KEY"  # when set, every route but /health needs this bearer key
+    api_key_env: str = "TIDE_API_KEY"  # when set, every route but /health needs this bearer key;
+    # a host other than loopback is refused without one
+    max_body_bytes: int = 1_000_000  # larger request bodies are refused (413)
+    max_prompt_chars: int = 200_000  # a prompt or message longer than this is refused (400)
+    request_timeout_s: float = 600.0  # a replica that does not answer within this: 504
     # each replica's AnswerHistory (used when decode.history_k > 0): the answer tokens it keeps
     # (oldest forgotten first), the longest context of its counted chains, the tokens that must
     # match for a copy from one earlier answer (0: no copies), and a records folder (the warm
@@ -184,7 +193,7 @@ class ServingConfig:
     history_match_ngram: int = 12
     history_records: str = ""
     # every replica's answers draft on every replica: each served answer goes to Redis
-    # ({redis.prefix}:answers, the newest redis.answers_maxlen kept), and a replica that starts
+    # ({redis.prefix}:answers, the newest redis.answers_mb kept), and a replica that starts
     # learns the ones kept there. false: each replica learns only its own
     history_share: bool = True
 
@@ -270,8 +279,15 @@ def _validate(cfg: TideConfig) -> None:
         (cfg.train.lr > 0, f"train.lr must be > 0, not {cfg.train.lr}"),
         (cfg.serving.replicas >= 1, f"serving.replicas must be >= 1, not {cfg.serving.replicas}"),
         (cfg.serving.max_queue >= 1, f"serving.max_queue must be >= 1, not {cfg.serving.max_queue}"),
-        (cfg.redis.stream_maxlen >= 1, "redis.stream_maxlen must be >= 1"),
-        (cfg.redis.answers_maxlen >= 1, f"redis.answers_maxlen must be >= 1, not {cfg.redis.answers_maxlen}"),
+        (cfg.serving.max_body_bytes >= 1024,
+         f"serving.max_body_bytes must be >= 1024, not {cfg.serving.max_body_bytes}"),
+        (cfg.serving.max_prompt_chars >= 1,
+         f"serving.max_prompt_chars must be >= 1, not {cfg.serving.max_prompt_chars}"),
+        (cfg.serving.request_timeout_s > 0,
+         f"serving.request_timeout_s must be > 0, not {cfg.serving.request_timeout_s}"),
+        (cfg.redis.records_mb >= 1, f"redis.records_mb must be >= 1, not {cfg.redis.records_mb}"),
+        (cfg.redis.answers_mb >= 1, f"redis.answers_mb must be >= 1, not {cfg.redis.answers_mb}"),
+        (cfg.redis.keep_versions >= 1, f"redis.keep_versions must be >= 1, not {cfg.redis.keep_versions}"),
         (cfg.online.holdout_records >= 2, f"online.holdout_records must be >= 2, not {cfg.online.holdout_records}"),
         (0 <= cfg.online.busy_share <= 1, f"online.busy_share must be in [0, 1], not {cfg.online.busy_share}"),
         (cfg.online.num_cpus >= 0 and cfg.online.num_gpus >= 0, "online.num_cpus and online.num_gpus must be >= 0"),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -75,7 +76,7 @@ class HiddenStateRecord:
             meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
             header = json.loads(meta["tide"])
             tensors = st_load(data)
-        except (struct.error, KeyError, ValueError, TypeError) as e:
+        except (struct.error, KeyError, ValueError, TypeError, SafetensorError) as e:
             raise RecordError(f"not a tide record: {e}") from None
         if header.get("schema_version") != SCHEMA_VERSION:
             raise RecordError(f"record schema {header.get('schema_version')} != {SCHEMA_VERSION}")

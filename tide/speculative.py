@@ -225,15 +225,18 @@ def commit(s: _State, out: TargetOut, rows: list[int], accepted: torch.Tensor, z
 
 
 class _Emitter:
-    """Hands each newly final token to a streaming callback exactly once."""
+    """Hands each newly final token to a streaming callback exactly once. The callback returns
+    True to end decoding there (a stop string appeared): finish reason "stop"."""
 
     def __init__(self, fn):
         self.fn, self.sent = fn, 0
 
-    def __call__(self, new: list[int]) -> None:
+    def __call__(self, new: list[int]) -> bool:
         if self.fn is not None and len(new) > self.sent:
-            self.fn(new[self.sent :])
+            end = self.fn(new[self.sent :])
             self.sent = len(new)
+            return bool(end)
+        return False
 
 
 def _finish(new: list[int], eos: set[int], max_new: int) -> tuple[list[int], str | None]:
@@ -269,7 +272,8 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
                          params: DecodeConfig, max_context: int = 2048,
                          capture: bool = False, on_tokens=None, history: AnswerHistory | None = None,
                          policy=None, on_pass=None) -> Generation:
-    """on_tokens(list[int]) receives the newly final tokens after every verify pass (streaming).
+    """on_tokens(list[int]) receives the newly final tokens after every verify pass (streaming);
+    when it returns True decoding ends there (finish reason "stop").
     history: earlier answers that draft too (used when params.history_k > 0; the caller adds the
     answers, see tide.lookup.AnswerHistory). policy: what each pass drafts (tide.policy; None:
     the configured order, FixedPolicy). on_pass(): called before every pass, where a replica
@@ -288,7 +292,9 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
     greedy = params.temperature == 0  # sampling keeps chains (trees are greedy only)
     vocab = head.config.target_vocab_size
     while reason is None:
-        emit(new)
+        if emit(new):
+            reason = "stop"
+            break
         if on_pass is not None:
             on_pass()
         room = max_context - s.length - 1
@@ -366,7 +372,9 @@ def target_generate(target: Target, prompt_ids: list[int], params: DecodeConfig,
     emit = _Emitter(on_tokens)
     t0 = time.perf_counter()
     while reason is None:
-        emit(new)
+        if emit(new):
+            reason = "stop"
+            break
         if len(prompt_ids) + len(seq) >= max_context:
             reason = "length"
             break

@@ -20,18 +20,20 @@ from trainers.online import OnlineTrainer
 
 @ray.remote(max_concurrency=4)
 class TrainerActor:
-    def __init__(self, cfg: dict, redis_url: str):
+    def __init__(self, cfg: dict, redis_url: str, weights_key: str | None = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         self.cfg = from_dict(cfg)
         torch.set_num_threads(max(1, self.cfg.online.threads))
         client = connect(redis_url, timeout_s=5.0)
-        prefix = self.cfg.redis.prefix
+        rc = self.cfg.redis
         target = load_target(self.cfg.model, self.cfg.draft.feature_layers)
         self.metrics: list[dict] = []
         self._lock = threading.Lock()
-        self.trainer = OnlineTrainer(self.cfg, target, RedisRecordStream(client, prefix, self.cfg.redis.stream_maxlen),
-                                     RedisWeightChannel(client, prefix), consumer=f"trainer-{os.getpid()}",
-                                     on_metrics=self._collect, load=RedisLoadBoard(client, prefix))
+        weights = RedisWeightChannel(client, rc.prefix, rc.keep_versions,
+                                     bytes.fromhex(weights_key) if weights_key else None)
+        self.trainer = OnlineTrainer(self.cfg, target, RedisRecordStream(client, rc.prefix, rc.records_mb << 20),
+                                     weights, consumer=f"trainer-{os.getpid()}",
+                                     on_metrics=self._collect, load=RedisLoadBoard(client, rc.prefix))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="online-trainer", daemon=True)
         self._thread.start()

@@ -19,12 +19,24 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import os
 import random
 import threading
 import time
 from collections import deque
 
-from tide.checkpoint import load_draft, new_head, state_from_bytes, state_to_bytes, swap_in_place
+import torch
+
+from tide.checkpoint import (
+    WeightError,
+    load_draft,
+    new_head,
+    state_from_bytes,
+    state_to_bytes,
+    swap_in_place,
+    validate_state,
+)
 from tide.config import TideConfig
 from tide.models import Target
 from tide.records import HiddenStateRecord, RecordError
@@ -32,6 +44,10 @@ from tide.transport.base import TransportError
 from trainers.train_step import evaluate, make_batches, make_optimizer, train_step
 
 log = logging.getLogger(__name__)
+
+
+def _nbytes(rec: HiddenStateRecord) -> int:
+    return sum(t.numel() * t.element_size() for t in (rec.input_ids, rec.features, rec.final_hidden))
 
 
 class DriftDetector:
@@ -65,7 +81,8 @@ class OnlineTrainer:
         self.rows = target.lm_head_weight[self.head.target_ids].float()
         self.opt = make_optimizer(self.head, cfg.online.lr, cfg.train.weight_decay)
         oc = cfg.online
-        self.buffer: deque[HiddenStateRecord] = deque(maxlen=oc.buffer_records)
+        self.buffer: deque[HiddenStateRecord] = deque()
+        self.buffer_bytes = 0
         # held-out records with their arrival index; the gate judges on those since `gate_from`
         self.holdout: deque[tuple[int, HiddenStateRecord]] = deque(maxlen=oc.holdout_records)
         self.gate_from = 0
@@ -73,7 +90,8 @@ class OnlineTrainer:
         self.rng = random.Random(cfg.train.seed)
         self.steps = 0
         self.records_in = 0
-        self.records_bad = 0
+        self.records_bad = 0  # malformed, foreign or unusable records: skipped
+        self.errors = 0  # loop iterations that failed for any other reason
         self.rejections_in_a_row = 0
         self.drift_events = 0
         self._was_drifting = False
@@ -86,15 +104,21 @@ class OnlineTrainer:
         try:
             latest = self.weights.latest_version()
             got = self.weights.fetch(latest) if latest else None
-        except TransportError as e:
-            log.warning("weight channel unreachable at start (%s); starting from config", e)
+        except (TransportError, WeightError) as e:
+            log.warning("no usable published draft at start (%s); starting from config", e)
             latest, got = 0, None
         if self.cfg.draft.path:
             head, version = load_draft(self.cfg.draft.path, self.target)
         else:
             head, version = new_head(self.target, self.cfg.draft.vocab_size, seed=self.cfg.draft.seed), 0
         if got is not None:
-            swap_in_place(head, state_from_bytes(got[0]))
+            try:
+                state = state_from_bytes(got[0])
+                validate_state(head, state)
+            except WeightError as e:  # what replicas reject too: they serve the configured draft
+                log.warning("published draft v%d is unusable (%s); starting from config", latest, e)
+                return head, max(version, latest)
+            swap_in_place(head, state)
             version = latest
             log.info("resuming from published draft v%d", latest)
         return head, version
@@ -105,12 +129,10 @@ class OnlineTrainer:
         for _id, data in items:
             try:
                 rec = HiddenStateRecord.from_bytes(data)
-            except RecordError as e:
+                self._check(rec)
+            except RecordError as e:  # skipped and counted, never fatal
                 self.records_bad += 1
-                log.warning("skipping bad record: %s", e)
-                continue
-            if rec.target_model_id != self.target.model_id:
-                self.records_bad += 1
+                log.warning("skipping bad record %s: %s", _id, e)
                 continue
             self.records_in += 1
             if rec.accept_len > 0:
@@ -121,9 +143,36 @@ class OnlineTrainer:
             if held:
                 self.holdout.append((self.records_in, rec))
             else:
-                self.buffer.append(rec)
+                self._buffer(rec)
         self.stream.ack([i for i, _ in items])
         return len(items)
+
+    def _check(self, rec: HiddenStateRecord) -> None:
+        """A record this trainer can learn from: this target, its widths, its vocabulary, finite."""
+        H = self.target.model.config.hidden_size
+        vocab = self.target.embed.num_embeddings
+        if rec.target_model_id != self.target.model_id:
+            raise RecordError(f"written by target {rec.target_model_id!r}, not {self.target.model_id!r}")
+        if rec.features.dim() != 2 or rec.features.shape[1] != 3 * H or rec.final_hidden.shape[-1] != H:
+            raise RecordError(f"widths {tuple(rec.features.shape)}, {tuple(rec.final_hidden.shape)} do not fit "
+                              f"hidden size {H}")
+        if rec.num_positions < 1 or not 0 <= rec.prompt_len <= rec.num_positions:
+            raise RecordError(f"{rec.num_positions} positions, prompt_len {rec.prompt_len}")
+        ids = rec.input_ids
+        if ids.dtype not in (torch.int64, torch.int32) or ids.min() < 0 or ids.max() >= vocab:
+            raise RecordError(f"token ids outside the vocabulary of {vocab}")
+        if not (torch.isfinite(rec.features).all() and torch.isfinite(rec.final_hidden).all()):
+            raise RecordError("non-finite hidden states")
+        if not math.isfinite(rec.accept_len) or rec.accept_len < 0:
+            raise RecordError(f"acceptance length {rec.accept_len}")
+
+    def _buffer(self, rec: HiddenStateRecord) -> None:
+        """Into the replay buffer, the oldest out past online.buffer_mb (or buffer_records)."""
+        self.buffer.append(rec)
+        self.buffer_bytes += _nbytes(rec)
+        while len(self.buffer) > 1 and (self.buffer_bytes > self.cfg.online.buffer_mb << 20
+                                        or len(self.buffer) > self.cfg.online.buffer_records):
+            self.buffer_bytes -= _nbytes(self.buffer.popleft())
 
     def _check_drift(self) -> None:
         if self.drift.drift and not self._was_drifting:
@@ -240,11 +289,16 @@ class OnlineTrainer:
             except TransportError as e:
                 log.warning("redis unreachable, retrying: %s", e)
                 stop.wait(1.0)
+            except Exception:  # noqa: BLE001 - one bad step must not become a crash loop
+                self.errors += 1
+                log.exception("training step failed; training on")
+                stop.wait(1.0)
 
     def stats(self) -> dict:
         return {
-            "trainer_step": self.steps, "version": self.version, "records_in": self.records_in,
-            "records_bad": self.records_bad, "buffer": len(self.buffer), "holdout": len(self.gate_records()),
+            "trainer_step": self.steps, "version": self.version, "records_in": self.records_in, "pid": os.getpid(),
+            "records_bad": self.records_bad, "errors": self.errors, "buffer": len(self.buffer),
+            "buffer_mb": round(self.buffer_bytes / 2**20, 1), "holdout": len(self.gate_records()),
             "training": self.should_train(), "drift": self.drift.drift, "drift_events": self.drift_events,
             "ema_short": self.drift.short, "ema_long": self.drift.long, "last_gate": self.last_gate,
             "last_loss": self.last_train["loss"] if self.last_train else None,

@@ -56,7 +56,8 @@ def target(tiny_model_dir):
 
 
 def _healthy(url):
-    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    h = httpx.get(url + "/health").json()
+    assert h["status"] == "ok" and h["replicas_up"] == 1
 
 
 def test_health_models_and_auth(server, client):

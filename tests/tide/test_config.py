@@ -33,7 +33,7 @@ def test_defaults_and_overrides():
     (["serving.history_ngram=1"], "serving.history_ngram must be >= 2"),
     (["serving.history_tokens=0"], "serving.history_tokens must be >= 1"),
     (["serving.history_match_ngram=1"], "serving.history_match_ngram must be 0"),
-    (["redis.answers_maxlen=0"], "redis.answers_maxlen must be >= 1"),
+    (["redis.answers_mb=0"], "redis.answers_mb must be >= 1"),
     (["serving.history_share=maybe"], "history_share"),
     (["decode.draft_threshold=1"], "decode.draft_threshold must be in"),
     (["decode.draft_threshold=-0.1"], "decode.draft_threshold must be in"),

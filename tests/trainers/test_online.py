@@ -198,3 +198,48 @@ def test_trains_on_idle_compute_and_yields_while_replicas_serve():
     thread.join(10)
     assert trainer.train_s["busy"] > 0
     assert trainer.yielded_s - before >= 0.8 * trainer.train_s["busy"]  # half the time, at most
+
+
+def test_malformed_records_are_skipped_and_counted_never_fatal():
+    target = tiny_target()
+    cfg = TideConfig()
+    cfg.draft.vocab_size = 96
+    stream = MemoryRecordStream()
+    trainer = OnlineTrainer(cfg, target, stream, MemoryWeightChannel())
+    good = _records(target, new_head(target, 96), 1)[0]
+
+    def variant(**kw):
+        return HiddenStateRecord(**{**{f: getattr(good, f) for f in (
+            "request_id", "target_model_id", "draft_version", "input_ids", "features", "final_hidden",
+            "prompt_len", "accept_len")}, **kw}).to_bytes()
+
+    T, H = good.num_positions, good.final_hidden.shape[1]
+    nan = good.features.clone()
+    nan[0, 0] = float("nan")
+    bad = [b"", b"\x00" * 7, b"garbage" * 100, good.to_bytes()[:-10],  # not a record at all
+           variant(target_model_id="another-model"),
+           variant(features=torch.randn(T, 2 * H)),  # another target's widths
+           variant(features=nan),
+           variant(input_ids=good.input_ids + 10_000),  # outside the vocabulary
+           variant(prompt_len=T + 5), variant(accept_len=float("inf"))]
+    for data in bad:
+        stream.append(data)
+    stream.append(good.to_bytes())
+    while trainer.ingest(block_ms=10):
+        pass
+    assert trainer.records_bad == len(bad) and trainer.records_in == 1
+    assert len(stream.acked) == len(bad) + 1  # skipped entries are acknowledged, not re-read
+
+
+def test_replay_buffer_is_bounded_in_bytes():
+    target = tiny_target()
+    cfg = TideConfig()
+    cfg.draft.vocab_size = 96
+    cfg.online.buffer_mb, cfg.online.buffer_records, cfg.online.holdout_every = 1, 10_000, 10_000
+    trainer = OnlineTrainer(cfg, target, MemoryRecordStream(), MemoryWeightChannel())
+    rec = _records(target, new_head(target, 96), 1)[0]
+    size = sum(t.numel() * t.element_size() for t in (rec.input_ids, rec.features, rec.final_hidden))
+    for _ in range(3 * (1 << 20) // size):
+        trainer._buffer(rec)
+    assert trainer.buffer_bytes <= 1 << 20 and trainer.buffer_bytes == size * len(trainer.buffer)
+    assert len(trainer.buffer) == (1 << 20) // size

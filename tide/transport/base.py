@@ -10,6 +10,14 @@ class TransportError(RuntimeError):
     """The backing store is unreachable or refused an operation."""
 
 
+class StoreFull(TransportError):
+    """The store is reachable but full (Redis at maxmemory): writes fail until it drains."""
+
+
+class RecordTooLarge(ValueError):
+    """One entry larger than the stream's whole byte budget: dropped, never sent."""
+
+
 class RecordStream(Protocol):
     """A capped stream of record bytes, read through a consumer group with acks."""
 
