@@ -50,6 +50,23 @@ def _usage(result: dict) -> dict:
                      "acceptance_length": result["accept_len"], "replica": result["replica"]}}
 
 
+class _Auth:
+    """Bearer-key check on every route but /health, compared in constant time. A plain ASGI
+    middleware: starlette's BaseHTTPMiddleware would hide client disconnects from the routes."""
+
+    def __init__(self, app, key: bytes):
+        self.app, self.expected = app, b"Bearer " + key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            sent = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(sent, self.expected):
+                resp = _err(ApiError(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                     "authentication_error"))
+                return await resp(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def build_app(actors: list, model_id: str, max_context: int, vocab: int, cfg: ServingConfig) -> FastAPI:
     app = FastAPI(title="tide", docs_url=None, redoc_url=None)
     router = Router(actors, cfg.max_queue)
@@ -69,14 +86,8 @@ def build_app(actors: list, model_id: str, max_context: int, vocab: int, cfg: Se
 
         app.state.probe = asyncio.create_task(loop())
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if api_key and request.url.path != "/health":
-            sent = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(sent, b"Bearer " + api_key):  # constant time
-                return _err(ApiError(401, "missing or wrong API key (Authorization: Bearer ...)",
-                                     "authentication_error"))
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_Auth, key=api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, e: ApiError):

@@ -3,6 +3,7 @@ bounded queues, API key, metrics, status, load, plot, down."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -101,23 +102,62 @@ def test_stop_and_seeded_sampling(client):
         cut = client.completions.create(model="m", prompt="one two three", max_tokens=24, temperature=0,
                                         stop=[stop])
         assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+        assert cut.usage.completion_tokens < out.usage.completion_tokens  # decoding ended there
+        streamed = list(client.completions.create(model="m", prompt="one two three", max_tokens=24,
+                                                  temperature=0, stop=[stop], stream=True))
+        assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+        assert streamed[-1].choices[0].finish_reason == "stop"
+    # top_k is honoured: top_k=1 samples the argmax, whatever the temperature
+    k1 = client.completions.create(model="m", prompt="one two three", max_tokens=24, temperature=1.5, seed=3,
+                                   extra_body={"top_k": 1})
+    assert k1.choices[0].text == text
     a = client.completions.create(model="m", prompt="hello", max_tokens=12, temperature=0.9, seed=7)
     b = client.completions.create(model="m", prompt="hello", max_tokens=12, temperature=0.9, seed=7)
     assert a.choices[0].text == b.choices[0].text
 
 
+NESTED = b'{"prompt": "hi", "user": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
 @pytest.mark.parametrize("body, raw, fragment", [
     (None, b"{not json", "not valid JSON"),
     (None, b"\xff\xfe\x00bad", "not UTF-8"),
+    (None, b'["prompt", "hi"]', "JSON object"),
+    (None, b'{"prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", "not valid JSON"),  # 5,000 digits
+    (None, b'{"prompt": "hi", "temperature": NaN}', "not valid JSON"),
+    (None, NESTED, "nested too deeply"),
+    (None, b'{"prompt": "\\ud800 lone surrogate"}', "prompt"),
     ({"prompt": "", "max_tokens": 5}, None, "non-empty"),
     ({"prompt": 42}, None, "non-empty string"),
+    ({"prompt": ["a", "b"]}, None, "prompt"),
+    ({"prompt": "a" * 200_001}, None, "prompt is 200001 characters"),
+    ({"prompt": "word " * 400}, None, "shorten"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, None, "messages"),
     ({"prompt": "hi", "max_tokens": "ten"}, None, "max_tokens"),
     ({"prompt": "hi", "max_tokens": 0}, None, "max_tokens"),
     ({"prompt": "hi", "max_tokens": 10**7}, None, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": True}, None, "max_tokens"),
+    ({"prompt": "hi", "max_completion_tokens": -3}, None, "max_completion_tokens"),
     ({"prompt": "hi", "temperature": -1}, None, "temperature"),
+    ({"prompt": "hi", "temperature": "hot"}, None, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, None, "top_p"),
+    ({"prompt": "hi", "top_p": 1.5}, None, "top_p"),
+    ({"prompt": "hi", "top_k": -2}, None, "top_k"),
+    ({"prompt": "hi", "top_k": 10**9}, None, "top_k"),
+    ({"prompt": "hi", "top_k": 2.5}, None, "top_k"),
+    ({"prompt": "hi", "seed": 2**70}, None, "seed"),
+    ({"prompt": "hi", "seed": -1}, None, "seed"),
+    ({"prompt": "hi", "seed": "7"}, None, "seed"),
     ({"prompt": "hi", "n": 3}, None, "n=1"),
+    ({"prompt": "hi", "stream": "yes"}, None, "stream"),
+    ({"prompt": "hi", "stream_options": "all"}, None, "stream_options"),
+    ({"prompt": "hi", "model": 123}, None, "model"),
+    ({"prompt": "hi", "user": ["x"]}, None, "user"),
+    ({"prompt": "hi", "stop": 42}, None, "stop"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, None, "stop"),
+    ({"prompt": "hi", "stop": [""]}, None, "stop"),
+    ({"prompt": "hi", "stop": ["x" * 300]}, None, "stop"),
     ({"prompt": "hi", "logit_bias": {"1": 2}}, None, "unsupported"),
-    ({"prompt": "word " * 400}, None, "shorten"),
 ])
 def test_bad_requests_get_clear_4xx(server, body, raw, fragment):
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -131,9 +171,35 @@ def test_bad_requests_get_clear_4xx(server, body, raw, fragment):
 
 def test_bad_chat_messages(server):
     headers = {"Authorization": f"Bearer {KEY}"}
-    for msgs in ([], [{"role": "user"}], [{"role": "robot", "content": "x"}], [{"role": "user", "content": " "}]):
-        r = httpx.post(server["url"] + "/v1/chat/completions", headers=headers, json={"messages": msgs})
-        assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    for body in ({"messages": []}, {"messages": [{"role": "user"}]}, {"messages": [{"role": "robot", "content": "x"}]},
+                 {"messages": [{"role": "user", "content": " "}]}, {"messages": "hello"},
+                 {"messages": [{"role": "user", "content": 123}]},
+                 {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+                 {"messages": [{"role": "user", "content": "hi"}] * 300},
+                 {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}):
+        r = httpx.post(server["url"] + "/v1/chat/completions", headers=headers, json=body)
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert ("messages" in err["message"] or "prompt" in err["message"]) and err["param"].startswith(("messages", "prompt"))
+    # text parts are accepted (what the openai client sends for content lists)
+    r = httpx.post(server["url"] + "/v1/chat/completions", headers=headers, timeout=60, json={
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    _healthy(server["url"])
+
+
+def test_huge_body_is_refused_413_without_reading_it_whole(server):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    body = b'{"prompt": "' + b"a" * 24_000_000 + b'"}'
+    r = httpx.post(server["url"] + "/v1/completions", headers=headers, content=body, timeout=60)
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(30):
+            yield b"a" * 100_000
+
+    r = httpx.post(server["url"] + "/v1/completions", headers=headers, content=chunks(), timeout=60)
+    assert r.status_code == 413
     _healthy(server["url"])
 
 
@@ -190,13 +256,65 @@ def test_metrics_status_load_plot(server):
     assert list((server["run_dir"] / "wandb").glob("offline-run-*")), "W&B offline run missing"
 
 
-def test_client_disconnect_mid_stream_frees_the_replica(server, client):
-    headers = {"Authorization": f"Bearer {KEY}"}
+def _metric(server, needle):
+    text = httpx.get(server["url"] + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return float(next(ln for ln in text.splitlines() if needle in ln).split()[-1])
 
+
+def _send_and_leave(server, body, path="/v1/completions") -> socket.socket:
+    """A raw HTTP request whose client will go away (the caller closes the socket)."""
+    port = int(server["url"].rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port))
+    data = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def _slots_free(server, timeout=30.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if httpx.get(server["url"] + "/health").json()["replicas"][0]["inflight"] == 0:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_streaming_clients_gone_before_the_first_chunk_free_their_slots(server, client):
+    # max_queue + 1 of them used to hold every slot for good: each next request got 429
+    for _ in range(4):
+        sock = _send_and_leave(server, {"prompt": "tell a very long story", "max_tokens": 200, "stream": True})
+        time.sleep(0.02)
+        sock.close()
+    assert _slots_free(server)
+    out = client.completions.create(model="m", prompt="hi", max_tokens=8, temperature=0)
+    assert out.choices[0].text is not None
+
+
+def test_a_client_gone_before_a_plain_answer_stops_its_decoding(server, client):
+    before, gone = _metric(server, 'status="cancelled"'), _metric(server, 'status="client_gone"')
+    done = []
+    busy = [threading.Thread(target=lambda: done.append(client.completions.create(
+        model="m", prompt="a long story about the sea", max_tokens=200, temperature=0))) for _ in range(2)]
+    for t in busy:  # the replica decodes one, the other waits; the next request waits behind both
+        t.start()
+    time.sleep(0.05)
+    sock = _send_and_leave(server, {"prompt": "tell a very long story", "max_tokens": 200})
+    time.sleep(0.05)
+    sock.close()  # gone while it waits for its answer
+    for t in busy:
+        t.join(120)
+    assert len(done) == 2 and _slots_free(server)
+    deadline = time.time() + 30
+    while time.time() < deadline and _metric(server, 'status="cancelled"') == before:
+        time.sleep(0.2)
+    assert _metric(server, 'status="cancelled"') == before + 1  # stopped, not decoded for nobody
+    assert _metric(server, 'status="client_gone"') == gone + 1
+
+
+def test_client_disconnect_mid_stream_frees_the_replica(server, client):
     def cancelled():
-        text = httpx.get(server["url"] + "/metrics", headers=headers).text
-        line = next(ln for ln in text.splitlines() if 'status="cancelled"' in ln)
-        return float(line.split()[-1])
+        return _metric(server, 'status="cancelled"')
 
     before = cancelled()
     stream = client.completions.create(model="m", prompt="tell a very long story", max_tokens=200,
@@ -207,5 +325,6 @@ def test_client_disconnect_mid_stream_frees_the_replica(server, client):
     while time.time() < deadline and cancelled() == before:
         time.sleep(0.2)
     assert cancelled() == before + 1  # the replica stopped decoding for nobody
+    assert _slots_free(server)
     out = client.completions.create(model="m", prompt="hi", max_tokens=8, temperature=0)
     assert out.choices[0].text is not None
