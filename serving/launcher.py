@@ -34,7 +34,8 @@ def _group_members(pgid: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):  # zombies are gone already
                 out.append(int(stat.parent.name))
         except (OSError, ValueError, IndexError):
             continue

@@ -180,7 +180,8 @@ def test_bad_chat_messages(server):
         r = httpx.post(server["url"] + "/v1/chat/completions", headers=headers, json=body)
         assert r.status_code == 400, (body, r.text)
         err = r.json()["error"]
-        assert ("messages" in err["message"] or "prompt" in err["message"]) and err["param"].startswith(("messages", "prompt"))
+        assert "messages" in err["message"] or "prompt" in err["message"]
+        assert err["param"].startswith(("messages", "prompt"))
     # text parts are accepted (what the openai client sends for content lists)
     r = httpx.post(server["url"] + "/v1/chat/completions", headers=headers, timeout=60, json={
         "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_tokens": 4})

@@ -50,11 +50,11 @@ def redis_binary() -> str:
 
 
 def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of a process (clock ticks since boot), None if it is gone: a pid
-    plus its start time names one process, even after the pid is reused."""
+    """The kernel's start time of a process (clock ticks since boot), None if it is gone or a
+    zombie: a pid plus its start time names one process, even after the pid is reused."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
