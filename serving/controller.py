@@ -26,6 +26,7 @@ from serving.drafts import DraftStore
 from tide.config import ConfigError, TideConfig, to_dict
 
 HISTORY_MB = 64  # history.jsonl is rotated past this (one older file kept)
+LOG_MB = 64  # controller.log too
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Controller:
         from tide.transport.redis_server import process_start_time
 
         (self.run_dir / "tide.pid").write_text(json.dumps(
-            {"pid": os.getpid(), "start": process_start_time(os.getpid()), "pgid": os.getpgid(0)}))
+            {"pid": os.getpid(), "start": process_start_time(os.getpid()), "sid": os.getsid(0)}))
         self._write_status("starting")
         self.redis_url = self._start_redis()
         self._resume_draft()
@@ -300,6 +301,12 @@ class Controller:
             path.replace(self.run_dir / "history.1.jsonl")  # the one before is dropped
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        log_path = self.run_dir / "controller.log"
+        if log_path.exists() and log_path.stat().st_size > LOG_MB << 20:
+            # copy, then truncate: this process (and Ray's forwarded actor logs) write to it
+            # through a descriptor opened for appending, so writing simply goes on at the start
+            log_path.with_name("controller.1.log").write_bytes(log_path.read_bytes())
+            os.truncate(log_path, 0)
 
     def _window(self, replicas: list[dict]) -> dict:
         """Acceptance over the last tick (what W&B and the plot show), plus totals. Counts are

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 
 
 def _recorded(path: Path) -> dict | None:
-    """{"pid", "start"[, "pgid"]} from a pid file; None if there is none or it is unreadable."""
+    """{"pid", "start"[, "sid"]} from a pid file; None if there is none or it is unreadable."""
     try:
         rec = json.loads(path.read_text())
         return rec if isinstance(rec, dict) and isinstance(rec.get("pid"), int) else None
@@ -29,13 +30,14 @@ def _same_process(rec: dict | None) -> bool:
     return process_start_time(rec["pid"]) == rec["start"]
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Processes still in a process group (a crashed controller's Ray processes)."""
+def session_members(sid: int) -> list[int]:
+    """Live processes of a session: `tide up` starts the controller in a session of its own, and
+    everything it starts but the embedded Redis (Ray's processes and workers) stays in it."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):  # zombies are gone already
+            if int(fields[3]) == sid and fields[0] not in ("Z", "X"):  # zombies are gone already
                 out.append(int(stat.parent.name))
         except (OSError, ValueError, IndexError):
             continue
@@ -108,14 +110,17 @@ def down(run_dir: Path, timeout_s: float = 60) -> int:
         print(f"stopped tide (pid {pid})", file=sys.stderr)
     elif rec is not None:
         print(f"tide (pid {rec['pid']}) was not running", file=sys.stderr)
-    # what a controller that died without cleaning up leaves: Ray's processes in its group
-    pgid = (rec or {}).get("pgid")
-    if isinstance(pgid, int) and pgid > 1 and not _same_process(rec) and _group_members(pgid):
-        os.killpg(pgid, signal.SIGTERM)
-        time.sleep(1.0)
-        if _group_members(pgid):
-            os.killpg(pgid, signal.SIGKILL)
-        print(f"stopped what the controller left running (process group {pgid})", file=sys.stderr)
+    # what a controller that died without cleaning up leaves: Ray's processes in its session
+    sid = (rec or {}).get("sid")
+    if isinstance(sid, int) and sid > 1 and not _same_process(rec) and (left := session_members(sid)):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in session_members(sid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.time() + 5
+            while time.time() < deadline and session_members(sid):
+                time.sleep(0.2)
+        print(f"stopped {len(left)} process(es) the controller left running (session {sid})", file=sys.stderr)
     if _same_process(redis_rec):
         os.kill(redis_rec["pid"], signal.SIGTERM)
         print(f"stopped the embedded Redis (pid {redis_rec['pid']})", file=sys.stderr)

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from serving.launcher import _group_members
+from serving.launcher import session_members
 from tide.checkpoint import new_head, state_to_bytes
 from tide.config import ModelConfig
 from tide.models import load_target
@@ -183,5 +183,5 @@ def test_tide_down_after_the_controller_crashed_stops_what_it_left(system):
     assert st.returncode == 1 and "dead" in json.loads(st.stdout)["state"]
     down = _tide("down", "--run-dir", str(run_dir), env=env)
     assert down.returncode == 0, down.stderr
-    assert _wait(lambda: not _group_members(rec["pgid"]), timeout=30)
+    assert _wait(lambda: not session_members(rec["sid"]), timeout=30)
     assert not (run_dir / "tide.pid").exists()
