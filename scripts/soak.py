@@ -43,16 +43,18 @@ def tide(*args, env=None) -> None:
     subprocess.run([sys.executable, "-m", "tide.cli", *args], cwd=ROOT, check=True, env=env)
 
 
-def rss_mb(pids: list[int]) -> float:
-    total = 0
+def rss_mb(pids: list[int]) -> dict[str, float]:
+    """RSS in MB by process name (ray::ServingActor, ray::TrainerActor, redis-server, ...)."""
+    by: dict[str, float] = {}
     for pid in pids:
         try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+                    by[name] = round(by.get(name, 0) + int(line.split()[1]) / 1024, 1)
         except OSError:
             continue
-    return total / 1024
+    return by
 
 
 def expected_answers(cfg, prompts, max_tokens: int):
@@ -131,6 +133,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--publish-every-s", type=float, default=30.0)
+    ap.add_argument("--no-faults", dest="faults", action="store_false",
+                    help="no kills (to watch memory without restarts resetting it)")
     ap.add_argument("--workload", default=str(ROOT.parent / "shared" / "workloads" / "mt_bench.jsonl"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -152,7 +156,7 @@ def main() -> int:
     clients = Clients(url, prompts, expected, args.clients, args.max_tokens, deadline)
     events, memory = [], []
     channel = RedisWeightChannel(connect(local_url(run_dir / "redis")), cfg.redis.prefix, key=KEY.encode())
-    faults = {0.25: "kill a replica", 0.5: "kill the trainer", 0.75: "kill Redis"}
+    faults = {0.25: "kill a replica", 0.5: "kill the trainer", 0.75: "kill Redis"} if args.faults else {}
     try:
         for t in clients.threads:
             t.start()
@@ -186,7 +190,9 @@ def main() -> int:
                 redis_rec = run_dir / "redis" / "redis.pid"
                 if redis_rec.exists():
                     pids.append(json.loads(redis_rec.read_text())["pid"])
-                memory.append({"t": now - t_start, "rss_mb": round(rss_mb(pids), 1), "processes": len(pids)})
+                by = rss_mb(pids)
+                memory.append({"t": now - t_start, "rss_mb": round(sum(by.values()), 1), "processes": len(pids),
+                               "by_process": by})
                 done = len(clients.results)
                 print(f"  {now - t_start:5.0f} s: {done} answers, memory {memory[-1]['rss_mb']:.0f} MB "
                       f"in {len(pids)} processes", file=sys.stderr)
