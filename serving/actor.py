@@ -16,6 +16,7 @@ import ray
 from serving.engine import ServingEngine
 from serving.record_writer import AsyncRecordWriter
 from tide.config import from_dict
+from tide.malloc import bound_heap
 from tide.transport.redis_transport import RedisAnswerStream, RedisRecordStream, RedisWeightChannel, connect
 
 _DONE = object()
@@ -25,6 +26,7 @@ _DONE = object()
 class ServingActor:
     def __init__(self, cfg: dict, redis_url: str, replica: str, weights_key: str | None = None):
         """weights_key: hex of the key published drafts are signed with (None: unsigned)."""
+        bound_heap(arenas=2)  # before the target loads: see tide/malloc.py
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         self.cfg = from_dict(cfg)
         client = connect(redis_url)

@@ -165,6 +165,9 @@ class Controller:
             # a local cluster only this user's processes reach (loopback, no dashboard unless
             # asked for): Ray's token auth would only stop `ray status` from working
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            # every process of the local cluster starts with 2 malloc arenas (tide/malloc.py; the
+            # actors set it again for clusters started elsewhere)
+            os.environ.setdefault("MALLOC_ARENA_MAX", "2")
             os.environ.setdefault("RAY_ROTATION_MAX_BYTES", str(64 << 20))  # Ray's own logs, bounded
             os.environ.setdefault("RAY_ROTATION_BACKUP_COUNT", "1")
             ray.init(address="local", num_cpus=self.cfg.ray.num_cpus or os.cpu_count(),

@@ -13,6 +13,7 @@ import ray
 import torch
 
 from tide.config import from_dict
+from tide.malloc import bound_heap
 from tide.models import load_target
 from tide.transport.redis_transport import RedisLoadBoard, RedisRecordStream, RedisWeightChannel, connect
 from trainers.online import OnlineTrainer
@@ -21,6 +22,7 @@ from trainers.online import OnlineTrainer
 @ray.remote(max_concurrency=4)
 class TrainerActor:
     def __init__(self, cfg: dict, redis_url: str, weights_key: str | None = None):
+        bound_heap(arenas=2, mmap_threshold=4 << 20)  # see tide/malloc.py
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         self.cfg = from_dict(cfg)
         torch.set_num_threads(max(1, self.cfg.online.threads))
