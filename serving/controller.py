@@ -27,6 +27,7 @@ from tide.config import ConfigError, TideConfig, to_dict
 
 HISTORY_MB = 64  # history.jsonl is rotated past this (one older file kept)
 LOG_MB = 64  # controller.log too
+START_TIMEOUT_S = 540  # a replica or trainer not up by then fails `tide up` (before its own 600 s)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 log = logging.getLogger(__name__)
@@ -192,13 +193,13 @@ class Controller:
                                             max_task_retries=0).remote(cfg, self.redis_url, f"r{i}", key)
                        for i in range(self.cfg.serving.replicas)]
         log.info("loading the target in %d replica(s) and measuring what passes cost ...", len(self.actors))
-        ray.get([a.ready.remote() for a in self.actors])
+        ray.get([a.ready.remote() for a in self.actors], timeout=START_TIMEOUT_S)
         if self.cfg.online.enabled:  # after the replicas: their cost measurements run undisturbed
             oc = self.cfg.online
             self.trainer = TrainerActor.options(name="tide-trainer", num_cpus=oc.num_cpus, num_gpus=oc.num_gpus,
                                                 max_restarts=-1, max_task_retries=0).remote(cfg, self.redis_url, key)
             log.info("starting the online trainer ...")
-            ray.get(self.trainer.ready.remote())
+            ray.get(self.trainer.ready.remote(), timeout=START_TIMEOUT_S)
 
     def _start_http(self) -> None:
         import ray
@@ -206,7 +207,7 @@ class Controller:
 
         from serving.http_api import build_app
 
-        info = ray.get(self.actors[0].ready.remote())
+        info = ray.get(self.actors[0].ready.remote(), timeout=60)
         app = build_app(self.actors, self.cfg.model.source, self.cfg.model.max_context, info["vocab"],
                         self.cfg.serving)
         self.http_app = app
