@@ -118,43 +118,12 @@ class Controller:
         return self._weights
 
     def _resume_draft(self) -> None:
-        """Publish the newest draft kept in the run folder when Redis has nothing newer: the
-        replicas start from it and the trainer's gate compares candidates with it."""
-        from tide.transport.base import TransportError
-
-        kept = self.drafts.newest(self.cfg.model.source, self.cfg.draft.path)
-        if kept is None:
-            return
-        version, data, meta = kept
-        try:
-            channel = self._weight_channel()
-            if channel.latest_version() < version:
-                channel.publish(version, data, meta)
-                log.info("resuming from the kept draft v%d (%s)", version, self.drafts.folder)
-            self._kept_version = version
-        except TransportError as e:
-            log.warning("could not republish the kept draft v%d: %s", version, e)
+        """Publish the newest draft kept in the run folder if Redis has nothing newer."""
+        self._kept_version = self.drafts.resume(self._weight_channel(), self.cfg.model.source, self.cfg.draft.path)
 
     def _keep_published(self) -> None:
-        """Write a newly published draft to the run folder (the controller is the one process
-        that has it, wherever the trainer runs)."""
-        from tide.checkpoint import WeightError
-        from tide.transport.base import TransportError
-
-        try:
-            channel = self._weight_channel()
-            latest = channel.latest_version()
-            if latest <= self._kept_version:
-                return
-            got = channel.fetch(latest)
-        except (TransportError, WeightError) as e:
-            log.debug("could not keep the newest draft: %s", e)
-            return
-        if got is not None:
-            data, meta = got
-            self.drafts.save(latest, data, {**meta, "model_source": self.cfg.model.source,
-                                            "draft_path": self.cfg.draft.path})
-            self._kept_version = latest
+        self._kept_version = self.drafts.keep_newest(self._weight_channel(), self._kept_version,
+                                                     model=self.cfg.model.source, draft_path=self.cfg.draft.path)
 
     def _start_ray(self) -> None:
         import ray

@@ -1,7 +1,10 @@
 """Published drafts kept in the run folder (`drafts/`), so that a `tide up` after `tide down`, a
 trainer restart or a replica started later resumes from what served, not from the configured
 draft: `v{N}.safetensors` (the head's weights) and `v{N}.json` (version, gate figures, what it
-was trained for). The controller writes each version it sees published; the newest few are kept.
+was trained for). The controller writes each version it sees published (it is the one process
+with the run folder, wherever the trainer runs); the newest few are kept. At start, and after
+the embedded Redis restarts, it publishes the newest kept one again when Redis has nothing newer:
+replicas start from it and the trainer's gate compares candidates with it.
 """
 
 from __future__ import annotations
@@ -55,3 +58,36 @@ class DraftStore:
                 return None
             return version, data, meta
         return None
+
+    def resume(self, channel, model: str, draft_path: str | None) -> int:
+        """Publish the newest kept draft for this setup on `channel` (a WeightChannel) unless it
+        holds a newer one. Returns the kept version (0: none)."""
+        from tide.transport.base import TransportError
+
+        kept = self.newest(model, draft_path)
+        if kept is None:
+            return 0
+        version, data, meta = kept
+        try:
+            if channel.latest_version() < version:
+                channel.publish(version, data, meta)
+                log.info("resuming from the kept draft v%d (%s)", version, self.folder)
+        except TransportError as e:
+            log.warning("could not republish the kept draft v%d: %s", version, e)
+        return version
+
+    def keep_newest(self, channel, kept: int, model: str, draft_path: str | None) -> int:
+        """Save the channel's newest version if it is newer than `kept`. Returns the newest kept."""
+        from tide.checkpoint import WeightError
+        from tide.transport.base import TransportError
+
+        try:
+            latest = channel.latest_version()
+            got = channel.fetch(latest) if latest > kept else None
+        except (TransportError, WeightError) as e:
+            log.debug("could not keep the newest draft: %s", e)
+            return kept
+        if got is None:
+            return kept
+        self.save(latest, got[0], {**got[1], "model_source": model, "draft_path": draft_path})
+        return latest

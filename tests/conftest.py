@@ -13,6 +13,15 @@ from tide.models import Target
 torch.set_num_threads(2)
 
 
+def tide_cli(*args, env=None, timeout=600):
+    """`python -m tide.cli ARGS` as a user runs it, output captured."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "tide.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
 def tiny_target(vocab: int = 96, hidden: int = 64, layers: int = 4, init: float = 0.02,
                 seed: int = 0) -> Target:
     torch.manual_seed(seed)

@@ -7,23 +7,17 @@ head on the kernels) while every test used tiny fp32 models."""
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from serving.launcher import session_members
+from tests.conftest import tide_cli
 from tide import kernels
 from tide.config import DecodeConfig, ModelConfig
 from tide.transport.redis_server import free_port, process_start_time
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _tide(*args, env, timeout=600):
-    return subprocess.run([sys.executable, "-m", "tide.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 @pytest.mark.parametrize("kernel", ["always", "never"])
@@ -37,7 +31,7 @@ def test_make_up_default_config_serves_openai_clients(kernel, tmp_path):
     for key in ("WANDB_API_KEY", "TIDE_API_KEY", "TIDE_REDIS_URL"):
         env.pop(key, None)
     # the defaults, but for the port (tests run beside each other) and the kernel under test
-    up = _tide("up", "--run-dir", str(run_dir), f"serving.port={port}", f"model.bf16_kernel={kernel}", env=env)
+    up = tide_cli("up", "--run-dir", str(run_dir), f"serving.port={port}", f"model.bf16_kernel={kernel}", env=env)
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
@@ -61,7 +55,7 @@ def test_make_up_default_config_serves_openai_clients(kernel, tmp_path):
         assert streamed.strip() and chunks[-1].choices[0].finish_reason in ("stop", "length")
         deadline = time.time() + 30
         while True:  # status.json is rewritten every second
-            st = _tide("status", "--run-dir", str(run_dir), env=env)
+            st = tide_cli("status", "--run-dir", str(run_dir), env=env)
             assert st.returncode == 0, st.stdout + st.stderr
             status = json.loads(st.stdout)
             if status["requests"] >= 2 or time.time() > deadline:
@@ -72,7 +66,7 @@ def test_make_up_default_config_serves_openai_clients(kernel, tmp_path):
         assert trainer and "error" not in trainer and trainer["enabled"], trainer  # the trainer is alive
         pid = status["pid"]
     finally:
-        down = _tide("down", "--run-dir", str(run_dir), env=env)
+        down = tide_cli("down", "--run-dir", str(run_dir), env=env)
     assert down.returncode == 0, down.stderr
     assert process_start_time(pid) is None  # gone (or a zombie nobody reaped: dead all the same)
     assert not session_members(pid)  # and everything it started with it

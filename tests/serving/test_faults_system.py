@@ -6,8 +6,6 @@ everything comes back by itself. The tests run in order on one system."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,6 +13,7 @@ import httpx
 import pytest
 
 from serving.launcher import session_members
+from tests.conftest import tide_cli
 from tide.checkpoint import new_head, state_to_bytes
 from tide.config import ModelConfig
 from tide.models import load_target
@@ -23,11 +22,6 @@ from tide.transport.redis_transport import RedisWeightChannel, connect
 
 pytestmark = pytest.mark.integration
 WEIGHTS_KEY = "test-weights-key"
-
-
-def _tide(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "tide.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +33,10 @@ def system(tiny_model_dir, tmp_path_factory):
     overrides = [f"model.source={tiny_model_dir}", "model.dtype=float32", "model.max_context=256",
                  "draft.vocab_size=100000", f"serving.port={port}", "serving.replicas=2", "serving.max_queue=4",
                  "ray.num_cpus=2", "wandb.mode=disabled", "online.min_records=1000000"]
-    up = _tide("up", "--run-dir", str(run_dir), *overrides, env=env)
+    up = tide_cli("up", "--run-dir", str(run_dir), *overrides, env=env)
     assert up.returncode == 0, up.stderr[-3000:]
     yield {"url": f"http://127.0.0.1:{port}", "run_dir": run_dir, "env": env, "model_dir": tiny_model_dir}
-    _tide("down", "--run-dir", str(run_dir), env=env)
+    tide_cli("down", "--run-dir", str(run_dir), env=env)
 
 
 def _status(system) -> dict:
@@ -179,9 +173,9 @@ def test_tide_down_after_the_controller_crashed_stops_what_it_left(system):
     redis_pid = json.loads((run_dir / "redis" / "redis.pid").read_text())["pid"]
     os.kill(rec["pid"], signal.SIGKILL)
     assert _wait(lambda: process_start_time(redis_pid) is None, timeout=20)  # it died with the controller
-    st = _tide("status", "--run-dir", str(run_dir), env=env)
+    st = tide_cli("status", "--run-dir", str(run_dir), env=env)
     assert st.returncode == 1 and "dead" in json.loads(st.stdout)["state"]
-    down = _tide("down", "--run-dir", str(run_dir), env=env)
+    down = tide_cli("down", "--run-dir", str(run_dir), env=env)
     assert down.returncode == 0, down.stderr
     assert _wait(lambda: not session_members(rec["sid"]), timeout=30)
     assert not (run_dir / "tide.pid").exists()

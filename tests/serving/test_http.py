@@ -4,14 +4,13 @@ bounded queues, API key, metrics, status, load, plot, down."""
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
+from tests.conftest import tide_cli
 from tide.config import DecodeConfig, ModelConfig
 from tide.models import load_target
 from tide.speculative import target_generate
@@ -19,11 +18,6 @@ from tide.transport.redis_server import free_port
 
 pytestmark = pytest.mark.integration
 KEY = "test-key-123"
-
-
-def _tide(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "tide.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +30,11 @@ def server(tiny_model_dir, tmp_path_factory):
                  "draft.vocab_size=100000", "decode.max_new_tokens=24", f"serving.port={port}",
                  "serving.max_queue=2", "ray.dashboard=false", "ray.num_cpus=2", "wandb.mode=offline",
                  "online.min_records=4", "online.eval_every=5", "train.seq_len=128"]
-    up = _tide("up", "--run-dir", str(run_dir), *overrides, env=env)
+    up = tide_cli("up", "--run-dir", str(run_dir), *overrides, env=env)
     assert up.returncode == 0, up.stderr[-3000:]
     url = f"http://127.0.0.1:{port}"
     yield {"url": url, "run_dir": run_dir, "env": env, "model_dir": tiny_model_dir}
-    down = _tide("down", "--run-dir", str(run_dir), env=env)
+    down = tide_cli("down", "--run-dir", str(run_dir), env=env)
     assert down.returncode == 0, down.stderr
 
 
@@ -229,7 +223,7 @@ def test_full_queue_answers_429_quickly(server):
 def test_metrics_status_load_plot(server):
     headers = {"Authorization": f"Bearer {KEY}"}
     env, run_dir = server["env"], str(server["run_dir"])
-    load = _tide("load", "--url", server["url"], "--requests", "6", "--concurrency", "2",
+    load = tide_cli("load", "--url", server["url"], "--requests", "6", "--concurrency", "2",
                  "--max-tokens", "16", "--stream", env=env)
     assert load.returncode == 0, load.stderr[-2000:]
     report = json.loads(load.stdout)
@@ -242,7 +236,7 @@ def test_metrics_status_load_plot(server):
                  "tide_policy_measured_speedup{", 'tide_policy_acceptance_rate{replica="r0",source="head"'):
         assert name in text, name
     time.sleep(2.5)  # one status tick after the load
-    st = _tide("status", "--run-dir", run_dir, env=env)
+    st = tide_cli("status", "--run-dir", run_dir, env=env)
     status = json.loads(st.stdout)
     assert status["state"] == "ready" and status["served_tokens"] > 0
     for key in ("draft_version", "acceptance_ema", "stream_length", "trainer_step", "last_swap", "policy"):
@@ -250,7 +244,7 @@ def test_metrics_status_load_plot(server):
     policy = status["policy"][0]  # what the replica's controller drafted, predicted vs measured
     assert sum(policy["choices"].values()) > 0 and policy["measured_speedup"] > 0
     assert status["stream_length"] > 0
-    plot = _tide("plot", "--run-dir", run_dir, env=env)
+    plot = tide_cli("plot", "--run-dir", run_dir, env=env)
     assert plot.returncode == 0, plot.stderr
     png = server["run_dir"] / "acceptance.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
