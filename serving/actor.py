@@ -1,8 +1,9 @@
 """The serving Ray actor: a thin shell over ServingEngine.
 
 Calls carry plain JSON-safe dicts; records and weights travel as safetensors bytes through
-Redis. The actor is threaded (max_concurrency) so that stats, health checks and queued requests
-are answered while one request decodes; the engine serialises decoding itself.
+Redis. The actor is threaded: each request's call waits on its thread while the engine's batch
+loop decodes it with the others, and stats and health checks are answered meanwhile (the
+controller sizes max_concurrency to the batch and the queue).
 """
 
 from __future__ import annotations

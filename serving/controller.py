@@ -158,8 +158,10 @@ class Controller:
         key = self.weights_key.hex()
         # a replica that dies is restarted by Ray (it reloads the target and measures its costs);
         # calls are never retried on another life: the client gets a 503 and retries itself
-        self.actors = [ServingActor.options(name=f"tide-serve-{i}", num_cpus=0, max_restarts=-1,
-                                            max_task_retries=0).remote(cfg, self.redis_url, f"r{i}", key)
+        sc = self.cfg.serving  # a thread per request in the batch or waiting, and some for stats and probes
+        self.actors = [ServingActor.options(name=f"tide-serve-{i}", num_cpus=0, max_restarts=-1, max_task_retries=0,
+                                            max_concurrency=sc.max_batch + sc.max_queue + 16)
+                       .remote(cfg, self.redis_url, f"r{i}", key)
                        for i in range(self.cfg.serving.replicas)]
         log.info("loading the target in %d replica(s) and measuring what passes cost ...", len(self.actors))
         ray.get([a.ready.remote() for a in self.actors], timeout=START_TIMEOUT_S)

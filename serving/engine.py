@@ -1,15 +1,17 @@
 """One serving replica without Ray: target + draft head, admission, hot swap, capture, stats.
 
-Requests decode one at a time under `_decode_lock` (one CPU stream per replica; more replicas
-scale out). Every pass drafts what the replica's speculation policy picks (tide.policy; its
-costs measured when the replica starts). A new draft is fetched and validated by the weight
-poller, then swapped in between two verify passes (or at once when no request decodes): a
-response reports the draft versions it used, and its tokens are the target's whatever drafted
-them. A rejected update leaves the old draft serving.
+Requests decode together (tide.batch): a loop thread admits waiting requests into the batch's
+free slots between steps, and each step advances every running request by one target pass
+(`serving.max_batch` rows, fewer where `serving.kv_cache_mb` holds fewer; `serving.max_queue`
+more wait). Every row drafts what the replica's speculation policy picks for it, priced for the
+whole batch (tide.policy; its costs measured when the replica starts). A new draft is fetched
+and validated by the weight poller, then swapped in between two steps: a response reports the
+draft versions it used, and its tokens are the target's whatever drafted them. A rejected
+update leaves the old draft serving.
 
 The answer history (decode.history_k > 0) is shared: each answer served is sent to an
 AnswerStream, and a thread reads the other replicas' answers from it into a queue that is
-learned between requests (the history, like the head, only changes under the decode lock).
+learned between steps (the history, like the head, only changes under the decode lock).
 """
 
 from __future__ import annotations
@@ -20,18 +22,19 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from tide.batch import SLACK, BatchDecoder, Cancelled, Request, Row
 from tide.checkpoint import WeightError, load_draft, new_head, state_from_bytes, swap_in_place, validate_state
 from tide.config import DecodeConfig, TideConfig
 from tide.errors import TideError
+from tide.kvslots import SlotCache
 from tide.lookup import HistoryError, answer_from_bytes, answer_to_bytes, history_from_config
 from tide.models import Target, load_target
 from tide.policy import policy_from_config
 from tide.records import HiddenStateRecord
-from tide.speculative import speculative_generate, target_generate
 from tide.transport.base import TransportError
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,13 @@ class Overloaded(TideError):
     """The replica's queue is full; the client should retry later (HTTP 429)."""
 
 
-class Cancelled(TideError):
-    """The client went away; decoding stopped at the next verify pass."""
+@dataclass
+class _Job:
+    req: Request
+    versions: list[int]  # the draft versions it decoded with
+    row: Row | None = None  # its row once admitted to the batch
+    error: BaseException | None = None  # failed before it got a row
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 class ServingEngine:
@@ -56,16 +64,23 @@ class ServingEngine:
         self._pending: tuple[int, dict, dict] | None = None  # a validated draft waiting for a pass
         self._pending_lock = threading.Lock()  # the poller sets it, the decoding request takes it
         self._swap_latencies: deque[float] = deque(maxlen=100)  # the newest swaps' publish -> serving
-        self._decode_lock = threading.Lock()
+        self._decode_lock = threading.Lock()  # the batch steps, swaps and history learning under it
         self._admit_lock = threading.Lock()
-        self._waiting = 0
+        self._wake = threading.Condition(self._admit_lock)
+        self._queue: deque[_Job] = deque()  # admitted to the replica, waiting for a slot
+        self._jobs: dict[str, _Job] = {}  # every request in the replica, waiting or decoding
         self._rejected_versions: set[int] = set()
-        self._active: set[str] = set()
-        self._cancelled: set[str] = set()
         self._stop = threading.Event()
+        self._looping = False
+
         # earlier answers draft later requests (decode.history_k > 0), in memory; with an
         # AnswerStream (serving.history_share) every replica's answers, else this one's
         self.history = history_from_config(cfg)
+        sc = cfg.serving
+        slots = max(1, min(sc.max_batch, (sc.kv_cache_mb << 20) // SlotCache.slot_bytes(
+            target.config, cfg.model.max_context + SLACK, target.dtype)))
+        self.decoder = BatchDecoder(target, head, slots, cfg.model.max_context, policy, self.history,
+                                    sc.prefill_chunk, sc.speculative)
         self.answers = answers if self.history is not None and cfg.serving.history_share else None
         self._answer_writer = None
         if self.answers is not None:
@@ -101,7 +116,7 @@ class ServingEngine:
         if cfg.serving.threads > 0:  # costs are measured with the threads that will decode
             torch.set_num_threads(cfg.serving.threads)
         if cfg.serving.speculative:
-            policy = policy_from_config(cfg.decode, target, head, cfg.model.max_context)
+            policy = policy_from_config(cfg.decode, target, head, cfg.model.max_context, batch=cfg.serving.max_batch)
         if policy is not None:
             log.info("replica %s: costs measured (ms) %s", replica, policy.stats()["costs_ms"])
         engine = cls(cfg, replica, target, head, version, writer, weights, answers, policy)
@@ -119,62 +134,31 @@ class ServingEngine:
 
     def generate(self, prompt_ids: list[int], params: DecodeConfig, request_id: str | None = None,
                  on_tokens=None) -> dict:
+        """Decode one request in the replica's batch (blocks until it finishes). on_tokens(new
+        ids) is called from the batch loop after every step; True ends the request ("stop")."""
         request_id = request_id or uuid.uuid4().hex
-
-        def stream(tokens: list[int]) -> bool:  # True: a stop string ends decoding here
-            if request_id in self._cancelled:
-                raise Cancelled(f"request {request_id} was cancelled")
-            return on_tokens is not None and bool(on_tokens(tokens))
-
+        req = Request(prompt_ids, params, request_id, on_tokens, capture=self.cfg.serving.capture)
+        job = _Job(req, [self.version])
         with self._admit_lock:
-            if self._waiting > self.cfg.serving.max_queue:  # one decoding + max_queue waiting
+            if not self._looping:
+                self._looping = True
+                threading.Thread(target=self._loop, name="batch-loop", daemon=True).start()
+            if len(self._queue) > self.cfg.serving.max_queue:  # the batch full + max_queue waiting
                 self.stats_["requests_rejected"] += 1
-                raise Overloaded(f"replica {self.replica} has {self._waiting} requests queued; retry later")
-            self._waiting += 1
-            self._active.add(request_id)
-        try:
-            with self._decode_lock:
-                # OpenMP's thread count is per OS thread, and Ray runs calls on pool threads
-                # that start with OMP_NUM_THREADS=1: set it where the decoding happens
-                if self.cfg.serving.threads > 0:
-                    torch.set_num_threads(self.cfg.serving.threads)
-                self._learn_shared()
-                self._apply_pending()
-                versions = [self.version]
-
-                def between_passes() -> None:  # a published draft swaps in here, mid-request
-                    if self._pending is not None and self._apply_pending():
-                        versions.append(self.version)
-
-                t0 = time.perf_counter()
-                if self.cfg.serving.speculative:
-                    # a seeded request drafts in the configured order: under sampling the draft
-                    # decides how the random stream is spent, and the same seed must give the same
-                    # text while the draft version stays (the distribution is the target's either way)
-                    policy = self.policy if params.seed is None else None
-                    g = speculative_generate(self.target, self.head, prompt_ids, params, self.cfg.model.max_context,
-                                             capture=self.cfg.serving.capture, on_tokens=stream,
-                                             history=self.history, policy=policy, on_pass=between_passes)
-                    if self.history is not None:
-                        self.history.add(prompt_ids, g.tokens)
-                        if self._answer_writer is not None:
-                            self._answer_writer.submit(answer_to_bytes(
-                                self._source, prompt_ids[-self.history.context_tokens:], g.tokens))
-                else:
-                    g = target_generate(self.target, prompt_ids, params, self.cfg.model.max_context,
-                                        on_tokens=stream)
-                elapsed = time.perf_counter() - t0
-        except Cancelled:
-            self.stats_["requests_cancelled"] += 1
-            raise
-        except Exception:
-            self.stats_["requests_failed"] += 1
-            raise
-        finally:
-            with self._admit_lock:
-                self._waiting -= 1
-                self._active.discard(request_id)
-                self._cancelled.discard(request_id)
+                raise Overloaded(f"replica {self.replica} has {len(self._queue)} requests queued; retry later")
+            self._queue.append(job)
+            self._jobs[request_id] = job
+            self._wake.notify()
+        job.done.wait()
+        with self._admit_lock:
+            self._jobs.pop(request_id, None)
+        row = job.row
+        if row is None or row.error is not None:
+            err = job.error if row is None else row.error
+            self.stats_["requests_cancelled" if isinstance(err, Cancelled) else "requests_failed"] += 1
+            raise err
+        g, versions = row.g, job.versions
+        elapsed = time.perf_counter() - row.started
         self._account(g, elapsed, len(prompt_ids))
         if g.features is not None and self.writer is not None:
             # the newest draft it used: a request that saw a swap is judged with the new draft
@@ -191,6 +175,65 @@ class ServingEngine:
             "accept_len": round(g.mean_accept_len, 4), "seconds": round(elapsed, 4),
             "replica": self.replica,
         }
+
+    def _loop(self) -> None:
+        """The batch loop (started by the first request): admits waiting requests between steps,
+        steps the batch, hands finished requests back; swaps and the shared history's learning
+        happen between steps."""
+        if self.cfg.serving.threads > 0:  # OpenMP's thread count is per OS thread
+            torch.set_num_threads(self.cfg.serving.threads)
+        while not self._stop.is_set():
+            with self._admit_lock:
+                while not (self._queue or self.decoder.busy() or self._stop.is_set()):
+                    self._wake.wait(0.5)
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 - a failed step fails its requests, never the loop
+                self.stats_["loop_errors"] = self.stats_.get("loop_errors", 0) + 1
+                log.exception("batch step failed; failing its requests")
+                self._fail_all()
+
+    def _step(self) -> None:
+        with self._decode_lock:
+            self._learn_shared()
+            if self._pending is not None and self._apply_pending():
+                for job in list(self._jobs.values()):
+                    if job.row is not None:
+                        job.versions.append(self.version)
+            while self.decoder.has_room():
+                with self._admit_lock:
+                    job = self._queue.popleft() if self._queue else None
+                if job is None:
+                    break
+                try:
+                    job.row = self.decoder.admit(job.req)
+                    job.versions[:] = [self.version]
+                except Exception as e:  # noqa: BLE001 - ContextTooLong and the like: this request's
+                    job.error = e
+                    job.done.set()
+            finished = self.decoder.step()
+        for row in finished:
+            job = self._jobs.get(row.req.rid)
+            if row.error is None and self.history is not None:
+                with self._decode_lock:
+                    self.history.add(row.req.prompt, row.g.tokens)
+                if self._answer_writer is not None:
+                    self._answer_writer.submit(answer_to_bytes(
+                        self._source, row.req.prompt[-self.history.context_tokens:], row.g.tokens))
+            if job is not None:
+                job.done.set()
+
+    def _fail_all(self) -> None:
+        """After a step raised: every request in the batch fails (their caches are suspect), the
+        slots start empty, and the loop goes on with the requests still waiting."""
+        rows = [*self.decoder.running, *([self.decoder.joining] if self.decoder.joining else [])]
+        self.decoder.running, self.decoder.joining = [], None
+        for row in rows:
+            if row.error is None:
+                row.error = RuntimeError("the batch step failed; see the replica's log")
+            job = self._jobs.get(row.req.rid)
+            if job is not None:
+                job.done.set()
 
     def _account(self, g, elapsed: float, prompt_len: int) -> None:
         s = self.stats_
@@ -209,11 +252,17 @@ class ServingEngine:
             s["accept_len_ema"] = g.mean_accept_len if ema is None else 0.8 * ema + 0.2 * g.mean_accept_len
 
     def cancel(self, request_id: str) -> None:
-        """Stop a request at its next verify pass: its client is gone. A request that already
-        finished is left alone (nothing to stop, nothing to remember)."""
+        """Stop a request at its next step: its client is gone (one still waiting never starts).
+        A request that already finished is left alone (nothing to stop, nothing to remember)."""
         with self._admit_lock:
-            if request_id in self._active:
-                self._cancelled.add(request_id)
+            job = self._jobs.get(request_id)
+            if job is None:
+                return
+            job.req.cancelled = True
+            if job in self._queue:
+                self._queue.remove(job)
+                job.error = Cancelled(f"request {request_id} was cancelled")
+                job.done.set()
 
     def decode_params(self, **overrides) -> DecodeConfig:
         return replace(self.cfg.decode, **{k: v for k, v in overrides.items() if v is not None})
@@ -367,13 +416,17 @@ class ServingEngine:
 
     def stop(self) -> None:
         self._stop.set()
+        with self._admit_lock:
+            self._wake.notify_all()
         for w in (self.writer, self._answer_writer):
             if w is not None:
                 w.close()
 
     def stats(self) -> dict:
         s = dict(self.stats_)
-        s.update(replica=self.replica, draft_version=self.version, queued=self._waiting, pid=os.getpid())
+        s.update(replica=self.replica, draft_version=self.version, queued=len(self._queue),
+                 batch=len(self.decoder.running), slots=self.decoder.slots,
+                 kv_cache_mb=round(self.decoder.nbytes / 2**20, 1), steps=self.decoder.steps, pid=os.getpid())
         if self.writer is not None:
             s.update(records_written=self.writer.written, records_dropped=self.writer.dropped,
                      records_oversized=self.writer.oversized, record_stream_connected=self.writer.connected,

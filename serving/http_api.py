@@ -69,7 +69,7 @@ class _Auth:
 
 def build_app(actors: list, model_id: str, max_context: int, vocab: int, cfg: ServingConfig) -> FastAPI:
     app = FastAPI(title="tide", docs_url=None, redoc_url=None)
-    router = Router(actors, cfg.max_queue)
+    router = Router(actors, cfg.max_queue + cfg.max_batch - 1)  # a full batch + max_queue waiting
     api_key = (os.environ.get(cfg.api_key_env) or "").encode() or None
     counters = {"ok": 0, "client_error": 0, "server_error": 0, "rejected": 0, "unavailable": 0,
                 "client_gone": 0}

@@ -30,7 +30,7 @@ class Router:
             raise ApiError(503, "no replica is serving (restarting); retry shortly", "service_unavailable",
                            retry_after_s=5)
         i = min(live, key=lambda j: self.inflight[j])
-        if self.inflight[i] > self.max_queue:  # one decoding + max_queue waiting
+        if self.inflight[i] > self.max_queue:  # a replica's batch and its waiting requests
             raise ApiError(429, "all replicas are busy; retry later", "rate_limit_error", retry_after_s=1)
         self.inflight[i] += 1
         return i

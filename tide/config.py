@@ -171,7 +171,10 @@ class RayConfig:
 @dataclass
 class ServingConfig:
     replicas: int = 1
-    max_queue: int = 8  # requests waiting per replica before new ones are refused
+    max_queue: int = 8  # requests waiting per replica (beyond its batch) before new ones are refused
+    max_batch: int = 16  # requests one replica decodes together (continuous batching, tide/batch.py)
+    kv_cache_mb: int = 1024  # its preallocated KV cache: fewer rows than max_batch when this is short
+    prefill_chunk: int = 256  # prompt tokens prefilled per step while the batch decodes on
     swap_poll_s: float = 0.25  # how often a replica checks for newly published draft weights (one GET)
     record_queue: int = 32  # records waiting to be written before new ones are dropped
     capture: bool = True  # stream hidden states of served requests
@@ -279,6 +282,9 @@ def _validate(cfg: TideConfig) -> None:
         (cfg.train.lr > 0, f"train.lr must be > 0, not {cfg.train.lr}"),
         (cfg.serving.replicas >= 1, f"serving.replicas must be >= 1, not {cfg.serving.replicas}"),
         (cfg.serving.max_queue >= 1, f"serving.max_queue must be >= 1, not {cfg.serving.max_queue}"),
+        (cfg.serving.max_batch >= 1, f"serving.max_batch must be >= 1, not {cfg.serving.max_batch}"),
+        (cfg.serving.kv_cache_mb >= 1, f"serving.kv_cache_mb must be >= 1, not {cfg.serving.kv_cache_mb}"),
+        (cfg.serving.prefill_chunk >= 1, f"serving.prefill_chunk must be >= 1, not {cfg.serving.prefill_chunk}"),
         (cfg.serving.max_body_bytes >= 1024,
          f"serving.max_body_bytes must be >= 1024, not {cfg.serving.max_body_bytes}"),
         (cfg.serving.max_prompt_chars >= 1,

@@ -70,10 +70,13 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (llama's rotate-half convention). x: (B, h, T, d), positions: (T,)."""
-    freqs = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]  # (T, d/2)
+    """Rotary embedding (llama's rotate-half convention). x: (B, h, T, d), positions: (T,), or
+    (B, T) where each row has its own (a batch of requests)."""
+    freqs = positions.to(inv_freq.dtype)[..., None] * inv_freq  # (T, d/2) or (B, T, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    if positions.dim() == 2:
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -116,7 +119,8 @@ class DraftAttention(nn.Module):
         """x: (B, T, 2H). Returns the output (B, T, H) and this call's (k, v), each (B, nkv, T, d).
 
         Inference: attend causally over `cache` plus the new entries, or as `attn_mask` (T, S)
-        says (True: attend; S counts the cache with the new entries: a draft tree's nodes).
+        says (True: attend; S counts the cache with the new entries: a draft tree's nodes); a
+        batch of requests passes (B, 1, T, S), one mask per row, and positions (B, T).
         Training-time test: `ttt_base` holds step-0 (k, v) of the whole window; query i of an
         unrolled step attends to base keys <= i plus, per earlier unrolled step, its own entry i
         (`ttt_diag`): exactly what a drafted token sees at inference.
@@ -132,7 +136,8 @@ class DraftAttention(nn.Module):
             S = k_all.shape[2]
             ext = getattr(self.q_proj, "bf16_ext", None)  # tide.kernels where the target uses it
             if ext is not None and kernels.attention_fits(q, k_all, v_all):
-                m = torch.empty(0) if attn_mask is None else attn_mask.expand(B, T, S).contiguous()
+                m = attn_mask[:, 0] if attn_mask is not None and attn_mask.dim() == 4 else attn_mask
+                m = torch.empty(0) if m is None else m.expand(B, T, S).contiguous()
                 out = ext.bf16_attention(q.contiguous(), k_all.contiguous(), v_all.contiguous(), m, self.hd**-0.5)
                 return self.o_proj(out.reshape(B, T, self.nh * self.hd)), (k, v)
             mask = attn_mask
@@ -210,7 +215,8 @@ class DraftHead(nn.Module):
         return self.fc(features)
 
     def forward(self, hidden, embeds, positions, cache=None, ttt_base=None, ttt_diag=(), attn_mask=None):
-        """hidden, embeds: (B, T, H); positions: (T,). Returns (B, T, H) and this call's (k, v)."""
+        """hidden, embeds: (B, T, H); positions: (T,) or (B, T). Returns (B, T, H) and this
+        call's (k, v)."""
         return self.midlayer(hidden, embeds, positions, cache, ttt_base, ttt_diag, attn_mask)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

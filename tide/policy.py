@@ -77,9 +77,24 @@ class Costs:
     history: float = 0.0  # one answer-history search (tune measures it during its replay)
     tree_draft: dict = field(default_factory=dict)  # (depth, topk, nodes) -> one propose_tree
     tree_verify: dict = field(default_factory=dict)  # width -> a pass over [y, nodes] with a tree mask
+    wide: dict = field(default_factory=dict)  # rows -> a pass wider than `verify` holds (a batch's)
 
     def verify_ms(self, width: int) -> float:
         return self.verify[min(width, len(self.verify) - 1)]
+
+    def rows_ms(self, rows: int) -> float:
+        """A pass over `rows` rows in all (a batch: every request's y and drafts), linear between
+        the measured widths and past the widest: a batched pass's linears see B * n rows as one
+        pass of that many does (attention, per row, is the small part on these models)."""
+        if rows < len(self.verify):
+            return self.verify[max(rows, 1)]
+        points = [(w, ms) for w, ms in enumerate(self.verify) if w] + sorted(self.wide.items())
+        (w0, m0), (w1, m1) = points[-2], points[-1]
+        for (a, ma), (b, mb) in zip(points, points[1:]):
+            if a <= rows <= b:
+                (w0, m0), (w1, m1) = (a, ma), (b, mb)
+                break
+        return m0 + (m1 - m0) * (rows - w0) / max(w1 - w0, 1)
 
     def chain_draft_ms(self, drafted: int, k: int | None = None) -> float:
         """propose() for a chain of `drafted` of k tokens: one call feeds the verified positions,
@@ -96,11 +111,12 @@ class Costs:
 
 @torch.inference_mode()
 def measure_costs(target: Target, head: DraftHead, context: list[int], max_width: int, reps: int = 7,
-                  shapes=(), trees: dict | None = None) -> Costs:
+                  shapes=(), trees: dict | None = None, wide=()) -> Costs:
     """This machine's costs on a `context`-token text. Interleaved repeats (every width once per
     round) so that machine noise hits all alike. shapes: tree shapes (depth, topk, nodes) whose
     draft is timed and whose verify pass is timed with its tree mask; trees: more trees by width
-    to time the verify pass of (tune passes the ones it replays)."""
+    to time the verify pass of (tune passes the ones it replays); wide: wider passes to time (up
+    to the context's length), what a batch of requests costs (Costs.rows_ms)."""
     from tide.speculative import target_forward  # tide.speculative imports this module
 
     cache = DynamicCache(config=target.config)
@@ -149,7 +165,7 @@ def measure_costs(target: Target, head: DraftHead, context: list[int], max_width
         if rep == 1:
             samples.clear()
         samples.setdefault("step", []).append(timed(lambda: step(1, False)))
-        for w in range(1, max_width + 1):
+        for w in (*range(1, max_width + 1), *(w for w in wide if max_width < w <= n)):
             samples.setdefault(w, []).append(timed(lambda: step(w, True)))
         for w, tree in trees.items():
             samples.setdefault(("tree", w), []).append(timed(lambda: tree_step(tree)))
@@ -163,7 +179,8 @@ def measure_costs(target: Target, head: DraftHead, context: list[int], max_width
                  lookup=med["lookup"],
                  # a tree draft as timed here includes the call that feeds the position
                  tree_draft={s: max(0.0, med[("draft", s)] - med["call"]) for s in shapes},
-                 tree_verify={w: med[("tree", w)] for w in trees})
+                 tree_verify={w: med[("tree", w)] for w in trees},
+                 wide={w: med[w] for w in wide if max_width < w <= n})
 
 
 TOPS = 4  # the head's chain passes record whether the target's token was among its best 1..TOPS
@@ -276,7 +293,7 @@ class AdaptivePolicy:
         # a tree's mean accepted tokens (decayed sum, weight); its prior: the chain of its depth
         self.trees = {s: [0.0, 0.0] for s in self.shapes}
         self.counts: dict[str, int] = {}
-        self.passes = 0
+        self.passes = self.batched = 0  # steps observed; of them, batched ones (2+ rows)
         self.predicted_tokens = self.tokens = 0.0
         self.predicted_ms = self.ms = 0.0
         self.rng = random.Random(seed)  # breaks exact ties only
@@ -307,10 +324,82 @@ class AdaptivePolicy:
     def choose(self, offers: dict[str, list[int]], room: int, tree_ok: bool) -> Choice:
         return max(self.options(offers, room, tree_ok), key=lambda o: (o.expected / o.cost_ms, self.rng.random()))
 
-    def observe(self, choice: Choice, accepted: int, draft_s: float, verify_s: float,
-                head_view: tuple[int, int, int | None] | None = None) -> None:
-        """head_view: for a pass the head drafted, what its chain did (positions judged,
-        accepted, rank of the target's token at the first miss; a tree's: tide.tree.chain_view)."""
+    def choose_batch(self, asks: list[tuple[dict, int, bool]]) -> list[Choice]:
+        """One choice per row of a batched step (asks: each row's offers, room, tree_ok), for the
+        most expected tokens per millisecond of the whole step:
+
+            step ms = rows_ms(sum of widths) + searches + the longest head chain's draft (one
+                      batched call per chain step serves every row) + each tree's draft (per row)
+
+        A row's extra draft tokens cost what they add to the batch's pass (nearly nothing on a
+        small batch of a memory-bound model, a full row each once the pass is compute-bound), so
+        speculation narrows as the batch grows and comes back as it shrinks. Coordinate ascent
+        from no speculation: each row in turn takes its option that most improves the step, two
+        rounds (the objective in O(1) per option: totals kept, a chain's draft is the max)."""
+        if len(asks) == 1:
+            one = self.choose(*asks[0])
+            self._step_ms = one.cost_ms
+            return [one]
+        c, B = self.costs, len(asks)
+        rows = []
+        for offers, room, tree_ok in asks:
+            opts = []
+            for o in self.options(offers, room, tree_ok):
+                width = 1 + o.length
+                verify = c.tree_verify.get(width, c.verify_ms(width)) if o.source == TREE else c.verify_ms(width)
+                draft = max(0.0, o.cost_ms - self.search_ms - verify)
+                opts.append((o, width, draft if o.source == HEAD else 0.0, draft if o.source == TREE else 0.0))
+            rows.append(opts)
+        picks = [opts[0] for opts in rows]  # options() lists no speculation first
+        fixed = self.search_ms * B
+        tokens = float(B)
+        width = B
+        trees = 0.0
+        for _ in range(2):
+            changed = False
+            for i, opts in enumerate(rows):
+                o0, w0, h0, t0 = picks[i]
+                others_chain = max((p[2] for j, p in enumerate(picks) if j != i), default=0.0)
+                base_tokens, base_width, base_trees = tokens - o0.expected, width - w0, trees - t0
+
+                def rate(t):
+                    o, w, h, tr = t
+                    ms = c.rows_ms(base_width + w) + fixed + max(others_chain, h) + base_trees + tr
+                    return (base_tokens + o.expected) / ms
+
+                best = max(opts, key=rate)
+                if best is not picks[i] and rate(best) > rate(picks[i]):
+                    picks[i], changed = best, True
+                    tokens, width, trees = base_tokens + best[0].expected, base_width + best[1], base_trees + best[3]
+            if not changed:
+                break
+        self._step_ms = c.rows_ms(width) + fixed + max(p[2] for p in picks) + trees
+        return [p[0] for p in picks]
+
+    def observe_batch(self, choices: list[Choice], accepted: list[int], head_views: list, draft_s: float,
+                      verify_s: float, learn: list[bool] | None = None) -> None:
+        """A batched step's outcome: each row's acceptance (rows with learn False, seeded
+        requests drafting in their own order, teach acceptance only), and the step's time, which
+        mends the cost of a pass of that many rows."""
+        if len(choices) == 1:
+            return self.observe(choices[0], accepted[0], draft_s, verify_s, head_views[0])
+        for choice, a, view in zip(choices, accepted, head_views):
+            self._learn(choice, a, view)
+        self.passes += 1
+        self.batched += 1
+        width = sum(1 + ch.length for ch in choices)
+        ms = 1000 * verify_s
+        f, c = self.refine, self.costs
+        if f and width < len(c.verify):
+            c.verify[width] = c.verify[width] * (1 - f) + ms * f
+        elif f:
+            c.wide[width] = c.rows_ms(width) * (1 - f) + ms * f
+        self.predicted_tokens += sum(ch.expected for ch in choices)
+        self.predicted_ms += getattr(self, "_step_ms", 0.0) or 1000 * (draft_s + verify_s)
+        self.tokens += sum(a + 1 for a in accepted)
+        self.ms += 1000 * (draft_s + verify_s)
+
+    def _learn(self, choice: Choice, accepted: int, head_view) -> None:
         for tracker in self.sources.values():
             tracker.decay(self.decay)
         for s in self.trees.values():
@@ -324,6 +413,12 @@ class AdaptivePolicy:
         if head_view is not None:
             self.sources[HEAD].observe(*head_view)
         self.counts[choice.label] = self.counts.get(choice.label, 0) + 1
+
+    def observe(self, choice: Choice, accepted: int, draft_s: float, verify_s: float,
+                head_view: tuple[int, int, int | None] | None = None) -> None:
+        """head_view: for a pass the head drafted, what its chain did (positions judged,
+        accepted, rank of the target's token at the first miss; a tree's: tide.tree.chain_view)."""
+        self._learn(choice, accepted, head_view)
         self.passes += 1
         self._refine(choice, 1000 * draft_s, 1000 * verify_s)
         self.predicted_tokens += choice.expected
@@ -369,7 +464,7 @@ class AdaptivePolicy:
             return round(tokens * step / ms, 3) if ms else None
 
         return {
-            "policy": "auto", "passes": self.passes, "choices": dict(self.counts),
+            "policy": "auto", "passes": self.passes, "batched_passes": self.batched, "choices": dict(self.counts),
             "acceptance": {name: [round(r, 3) for r in t.rates()[:4]] for name, t in self.sources.items()},
             "tree_accepted": {":".join(map(str, s)): round(self._tree_gain(s), 3) for s in self.shapes},
             "predicted_speedup": speedup(self.predicted_tokens, self.predicted_ms),
@@ -379,10 +474,14 @@ class AdaptivePolicy:
         }
 
 
+WIDE = (24, 32, 48, 64, 96, 128)  # rows of the wider passes timed for batches
+
+
 def policy_from_config(params: DecodeConfig, target: Target, head: DraftHead, max_context: int,
-                       reps: int = 5, seed: int = 0):
+                       reps: int = 5, seed: int = 0, batch: int = 1):
     """The policy `decode.policy` names, its costs measured here on a 256-token text (auto); None
-    for fixed (each request then follows its own parameters)."""
+    for fixed (each request then follows its own parameters). batch > 1: a batch of up to that
+    many requests decodes together, and wider passes are timed too."""
     from tide.config import tree_shapes
 
     if params.policy == "fixed":
@@ -392,6 +491,6 @@ def policy_from_config(params: DecodeConfig, target: Target, head: DraftHead, ma
     widest = 1 + max(max_copy, *(n for _, _, n in shapes))
     n = max(16, min(256, max_context // 2))
     context = torch.randint(0, target.config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
-    costs = measure_costs(target, head, context.tolist(), widest, reps, shapes)
+    costs = measure_costs(target, head, context.tolist(), widest, reps, shapes, wide=WIDE if batch > 1 else ())
     return AdaptivePolicy(costs, params.k, shapes, max_copy, seed=seed,
                           search_ms=costs.lookup if params.lookup_ngram else 0.0)
