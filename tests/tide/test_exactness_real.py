@@ -127,15 +127,18 @@ def test_bf16_default_is_exact_on_narrow_passes(prompts, trained_head):
     assert sum(_check(target, head, prompts[:n], baselines, k=3)) / n > 1.0
 
 
-def test_a_batch_of_staggered_requests_is_exact(smol_fp32, prompts, baselines, trained_head):
+@pytest.mark.parametrize("controller", ["auto", "fixed"])
+def test_a_batch_of_staggered_requests_is_exact(smol_fp32, prompts, baselines, trained_head, controller):
     """Continuous batching on the real model (fp32): 20 requests through 8 slots, joining every
     other step, prompts prefilled 32 tokens a step, the default controller pricing the batch
-    (head chains and trees, prompt lookup): every request's tokens are the target alone's."""
+    (what it drafts depends on this machine's costs), or every row drafting head chains of 5
+    beside prompt lookup (fixed): every request's tokens are the target alone's."""
     from tide.batch import BatchDecoder, Request
     from tide.policy import policy_from_config
 
     params = DecodeConfig(max_new_tokens=40)
-    policy = policy_from_config(params, smol_fp32, trained_head, 2048, reps=1, batch=8)
+    policy = None if controller == "fixed" else policy_from_config(params, smol_fp32, trained_head, 2048, reps=1,
+                                                                    batch=8)
     dec = BatchDecoder(smol_fp32, trained_head, slots=8, max_context=2048, policy=policy, prefill_chunk=32)
     queue, done, steps, widest = [Request(p, params, rid=str(i)) for i, p in enumerate(prompts)], {}, 0, 0
     while queue or dec.busy():
@@ -147,4 +150,5 @@ def test_a_batch_of_staggered_requests_is_exact(smol_fp32, prompts, baselines, t
     assert widest == 8
     for i, base in enumerate(baselines):
         assert done[str(i)].error is None and done[str(i)].g.tokens == base, i
-    assert sum(done[str(i)].g.accepted for i in range(len(prompts))) > 0
+    if controller == "fixed":
+        assert sum(done[str(i)].g.accepted for i in range(len(prompts))) > 0
