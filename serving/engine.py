@@ -143,7 +143,7 @@ class ServingEngine:
             if not self._looping:
                 self._looping = True
                 threading.Thread(target=self._loop, name="batch-loop", daemon=True).start()
-            if len(self._queue) > self.cfg.serving.max_queue:  # the batch full + max_queue waiting
+            if self._waiting_beyond_slots() >= self.cfg.serving.max_queue:  # the batch full + max_queue waiting
                 self.stats_["requests_rejected"] += 1
                 raise Overloaded(f"replica {self.replica} has {len(self._queue)} requests queued; retry later")
             self._queue.append(job)
@@ -222,6 +222,13 @@ class ServingEngine:
                         self._source, row.req.prompt[-self.history.context_tokens:], row.g.tokens))
             if job is not None:
                 job.done.set()
+
+    def _waiting_beyond_slots(self) -> int:
+        """Requests queued past the batch's free slots (a burst waits a few steps to join: one
+        prefill chunk per step; it is not refused for that)."""
+        d = self.decoder
+        free = d.slots - len(d.running) - (d.joining is not None)
+        return len(self._queue) - max(0, free)
 
     def _fail_all(self) -> None:
         """After a step raised: every request in the batch fails (their caches are suspect), the

@@ -31,7 +31,7 @@ def _post(http: httpx.Client, path: str, body: dict, stream: bool) -> dict:
             res["error"] = r.text[:200]
         return res
     res = {"status": 0}
-    with http.stream("POST", path, json={**body, "stream": True}) as r:
+    with http.stream("POST", path, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         res["status"] = r.status_code
         if r.status_code != 200:
             res["error"] = r.read().decode(errors="replace")[:200]
@@ -42,8 +42,8 @@ def _post(http: httpx.Client, path: str, body: dict, stream: bool) -> dict:
             if "error" in event:
                 res.update(status=500, error=str(event["error"].get("message"))[:200])
                 break
-            c = event["choices"][0]
-            if "ttft_s" not in res and (c.get("text") or c.get("delta", {}).get("content")):
+            c = event["choices"][0] if event.get("choices") else {}  # the usage chunk may have none
+            if "ttft_s" not in res and (c.get("text") or (c.get("delta") or {}).get("content")):
                 res["ttft_s"] = time.monotonic() - t0
             if "usage" in event:
                 res["usage"] = event["usage"]
@@ -55,10 +55,12 @@ def _post(http: httpx.Client, path: str, body: dict, stream: bool) -> dict:
 
 def run_load(url: str, prompts: list[Prompt], concurrency: int = 1, requests: int | None = None,
              duration_s: float | None = None, max_tokens: int = 128, temperature: float = 0.0,
-             api_key: str | None = None, timeout_s: float = 300.0, on_result=None, stream: bool = False) -> dict:
+             api_key: str | None = None, timeout_s: float = 300.0, on_result=None, stream: bool = False,
+             model: str | None = None) -> dict:
     """C clients send the prompts in order (cycling) until `requests` are sent or `duration_s`
     is over (requests=None and no duration: each prompt once). stream: SSE, time to first token
-    measured."""
+    measured. Any OpenAI-compatible server (tide's speculation figures, `usage.tide`, are zeros
+    where a server has none); `model` names the model where the server wants one."""
     if requests is None and duration_s is None:
         requests = len(prompts)
     deadline = time.monotonic() + duration_s if duration_s else None
@@ -81,7 +83,7 @@ def run_load(url: str, prompts: list[Prompt], concurrency: int = 1, requests: in
     def client():
         with httpx.Client(base_url=url, timeout=timeout_s, headers=headers) as http:
             while (p := next_prompt()) is not None:
-                body = {"max_tokens": max_tokens, "temperature": temperature}
+                body = {"max_tokens": max_tokens, "temperature": temperature, **({"model": model} if model else {})}
                 if p.chat:
                     path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": p.text}]
                 else:
@@ -91,7 +93,9 @@ def run_load(url: str, prompts: list[Prompt], concurrency: int = 1, requests: in
                     res = _post(http, path, body, stream)
                     if res["status"] == 200:
                         u = res.pop("usage")
-                        res.update(tokens=u["completion_tokens"], **{k: u["tide"][k] for k in (
+                        spec = u.get("tide") or {"accepted_tokens": 0, "drafted_tokens": 0, "verify_passes": 0,
+                                                 "draft_version": None}
+                        res.update(tokens=u["completion_tokens"], **{k: spec[k] for k in (
                             "accepted_tokens", "drafted_tokens", "verify_passes", "draft_version")})
                 except (httpx.HTTPError, ValueError, KeyError) as e:
                     res = {"status": 0, "latency_s": time.monotonic() - t0, "error": f"{type(e).__name__}: {e}"}
@@ -127,7 +131,7 @@ def summarize(results: list[dict], wall: float) -> dict:
         "latency_p50_s": _percentile(lat, 50), "latency_p99_s": _percentile(lat, 99),
         "ttft_p50_s": _percentile(ttft, 50), "ttft_p99_s": _percentile(ttft, 99),
         "mean_accept_len": round((sum(r["accepted_tokens"] for r in ok) + passes) / passes, 3) if passes else None,
-        "draft_versions": sorted({r["draft_version"] for r in ok}),
+        "draft_versions": sorted({r["draft_version"] for r in ok if r["draft_version"] is not None}),
         "errors": sorted({r.get("error", "")[:120] for r in results if r["status"] != 200})[:5],
     }
 

@@ -1,9 +1,12 @@
 """The serving engine without Ray or Redis: what a replica learns from the requests it serves,
 and from those its peers serve."""
 
+import threading
 import time
 
-from serving.engine import Cancelled, ServingEngine
+import pytest
+
+from serving.engine import Cancelled, Overloaded, ServingEngine
 from tests.conftest import tiny_target
 from tide.checkpoint import new_head, state_to_bytes
 from tide.config import load_config
@@ -118,3 +121,42 @@ def test_a_draft_published_mid_request_swaps_in_between_passes():
     assert not engine.poll_weights() and engine.version == 8 and engine.stats_["swaps_rejected"] == 1
     again = engine.generate([1, 2, 3], engine.decode_params())
     assert again["draft_versions"] == [8]
+
+
+def test_a_burst_that_fits_the_free_slots_and_the_queue_is_served_and_one_more_is_refused():
+    """Requests join one prefill per step: a burst waits for its slots, it is not refused for that.
+    Refused: only what waits beyond the free slots and serving.max_queue."""
+    cfg = load_config(overrides=["decode.max_new_tokens=6", "serving.capture=false", "serving.max_batch=4",
+                                 "serving.max_queue=1", "serving.speculative=false"])
+    target = tiny_target()
+    engine = ServingEngine(cfg, "r0", target, new_head(target, 64), 0)
+    params = engine.decode_params()
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold(_tokens):  # the first request holds the batch loop: the others wait in the queue
+        entered.set()
+        gate.wait(10)
+
+    results, errors = {}, []
+
+    def call(i, cb=None):
+        try:
+            results[i] = engine.generate([1, 2, 3 + i], params, on_tokens=cb)["tokens"]
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    first = threading.Thread(target=call, args=(0, hold))
+    first.start()
+    assert entered.wait(10)
+    rest = [threading.Thread(target=call, args=(i,)) for i in range(1, 5)]  # 3 free slots + max_queue 1
+    for t in rest:
+        t.start()
+    assert _wait(lambda: len(engine._queue) == 4)
+    with pytest.raises(Overloaded):
+        engine.generate([9, 9], params)
+    gate.set()
+    for t in [first, *rest]:
+        t.join(30)
+    assert not errors and sorted(results) == [0, 1, 2, 3, 4]
+    for i, tokens in results.items():
+        assert tokens == target_generate(target, [1, 2, 3 + i], params).tokens
