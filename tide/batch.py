@@ -31,7 +31,7 @@ from tide.config import DecodeConfig
 from tide.errors import TideError
 from tide.kvslots import HeadSlots, SlotCache
 from tide.lookup import AnswerHistory
-from tide.models import Target
+from tide.models import Packed, Target, use_packed_attention
 from tide.policy import HEAD, HISTORY, LOOKUP, NONE, RECALL, TOPS, TREE, Choice, FixedPolicy
 from tide.rejection import accept_greedy, accept_sampling, target_probs
 from tide.speculative import Generation, _check_room, _Emitter, _finish, _generator, draft_offers, sample_token
@@ -98,6 +98,7 @@ class BatchDecoder:
         self.target, self.head, self.policy, self.history = target, head, policy, history
         self.max_context, self.prefill_chunk, self.speculative = max_context, max(1, prefill_chunk), speculative
         device = target.embed.weight.device
+        use_packed_attention(target.model)
         capacity = max_context + SLACK
         self.cache = SlotCache.for_model(target.config, slots, capacity, target.dtype, device)
         self.heads = HeadSlots.for_head(head, slots, capacity) if speculative else None
@@ -217,9 +218,9 @@ class BatchDecoder:
         out = self._verify(rows, drafts)
         t2 = time.perf_counter()
         accepted = []
-        for b, (row, d) in enumerate(zip(rows, drafts)):
+        for row, d, o in zip(rows, drafts, out):
             try:
-                accepted.append(self._accept(row, d, out, b))
+                accepted.append(self._accept(row, d, o))
             except Exception as e:  # noqa: BLE001 - one row's failure is its own
                 row.error = e
                 accepted.append(0)
@@ -359,39 +360,47 @@ class BatchDecoder:
                               torch.stack(probs[i]) if probs[i] else None, tops=tops[i]))
         return out
 
-    def _verify(self, rows: list[Row], drafts: list[_Draft]):
-        B = len(rows)
+    def _verify(self, rows: list[Row], drafts: list[_Draft]) -> list[tuple]:
+        """One packed target pass over every row's [y, draft...] (no row padded to the widest);
+        per row: its logits, and its features and final hidden states where they are kept."""
         widths = [1 + len(d.tokens) for d in drafts]
-        n = max(widths)
-        lengths = torch.tensor([r.length for r in rows], device=self.device)
-        ids = torch.zeros(B, n, dtype=torch.long)
-        depth = torch.arange(n).repeat(B, 1)
-        vis = torch.ones(n, n, dtype=torch.bool).tril().repeat(B, 1, 1)  # padding sees what a chain would
-        for b, (row, d) in enumerate(zip(rows, drafts)):
-            ids[b, : widths[b]] = torch.cat((torch.tensor([row.y]), d.tokens))
+        T = max(r.length + w for r, w in zip(rows, widths))
+        ids, depth, index, slot_of = [], [], [], []
+        mask = torch.zeros(sum(widths), T, dtype=torch.bool)
+        o = 0
+        for row, d, w in zip(rows, drafts, widths):
+            ids.append(torch.cat((torch.tensor([row.y]), d.tokens)))
+            index.append(torch.arange(w))
+            slot_of.append(torch.full((w,), row.slot, dtype=torch.int32))
+            mask[o : o + w, : row.length] = True
             if d.tree is not None:
-                depth[b, 1 : widths[b]] = d.tree.depths
-                vis[b, : widths[b], : widths[b]] = d.tree.visibility()
-        T = int(lengths.max()) + n
-        allowed = (torch.arange(T)[None, None, :] < lengths.cpu()[:, None, None]).expand(B, n, T).clone()
-        for b, row in enumerate(rows):
-            allowed[b, :, row.length : row.length + n] = vis[b]
-        self.cache.plan([r.slot for r in rows], [r.length for r in rows], n, T)
+                depth.append(torch.cat((torch.zeros(1, dtype=torch.long), d.tree.depths)) + row.length)
+                mask[o : o + w, row.length : row.length + w] = d.tree.visibility()
+            else:
+                depth.append(torch.arange(row.length, row.length + w))
+                mask[o : o + w, row.length : row.length + w] = torch.ones(w, w, dtype=torch.bool).tril()
+            o += w
+        dev = self.device
+        pack = Packed(torch.cat(slot_of).to(dev), torch.cat(index).to(dev), max(widths), max(r.slot for r in rows) + 1)
+        self.cache.plan_packed([r.slot for r in rows], [r.length for r in rows], widths, T)
         hidden = self.speculative or any(r.req.capture for r in rows)
-        out = self.target.model(input_ids=ids.to(self.device), past_key_values=self.cache, use_cache=True,
-                                output_hidden_states=hidden, position_ids=(lengths[:, None] + depth.to(self.device)),
-                                attention_mask=allowed[:, None].to(self.device))
+        out = self.target.model(input_ids=torch.cat(ids)[None].to(dev), past_key_values=self.cache, use_cache=True,
+                                output_hidden_states=hidden, position_ids=torch.cat(depth)[None].to(dev),
+                                attention_mask=mask[None, None].to(dev), tide_pack=pack)
         features = final = None
         if hidden:
             hs = out.hidden_states
-            features = torch.cat([hs[i] for i in self.target.feature_layers], dim=-1)  # (B, n, 3H)
-            final = hs[-1]
-        return out.logits, features, final
+            features = torch.cat([hs[i][0] for i in self.target.feature_layers], dim=-1)  # (N, 3H)
+            final = hs[-1][0]
+        per_row, o = [], 0
+        for w in widths:
+            per_row.append((out.logits[0, o : o + w], None if features is None else features[o : o + w],
+                            None if final is None else final[o : o + w]))
+            o += w
+        return per_row
 
-    def _accept(self, row: Row, d: _Draft, out, b: int) -> int:
-        logits, features, final = out
-        width = 1 + len(d.tokens)
-        lg = logits[b, :width]
+    def _accept(self, row: Row, d: _Draft, out: tuple) -> int:
+        lg, features, final = out
         p = row.req.params
         if d.tree is not None:
             path, z = accept_tree_greedy(d.tree, lg)
@@ -413,12 +422,12 @@ class BatchDecoder:
         d.z = z
         new = [*acc.tolist(), z]
         if features is not None:
-            f = features[b, kept]
+            f = features[kept]
             if self.speculative:
                 row.pending_f.append(f)
                 row.pending_t.extend(new)
             if row.req.capture:
-                row.captured.append((f, final[b, kept]))
+                row.captured.append((f, final[kept]))
         row.length += len(kept)
         row.y = z
         row.sequence.extend(new)

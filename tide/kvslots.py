@@ -38,6 +38,16 @@ class SlotKV:
             self.k[r, :, s : s + n] = k[i]
             self.v[r, :, s : s + n] = v[i]
 
+    def write_packed(self, rows: list[int], starts: list[int], widths: list[int], k: torch.Tensor,
+                     v: torch.Tensor) -> None:
+        """k, v: (1, heads, N, d), the rows' segments in order: rows[i]'s widths[i] entries go
+        to its slot at starts[i] onwards."""
+        o = 0
+        for r, s, w in zip(rows, starts, widths):
+            self.k[r, :, s : s + w] = k[0, :, o : o + w]
+            self.v[r, :, s : s + w] = v[0, :, o : o + w]
+            o += w
+
     def read(self, rows: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `length` positions of slots `rows`: a view where they are contiguous."""
         if rows == list(range(rows[0], rows[0] + len(rows))):
@@ -67,7 +77,7 @@ class SlotCache(Cache):
         super().__init__(layers=[])
         self.kv = [SlotKV(slots, heads, capacity, head_dim, dtype, device) for _ in range(layers)]
         self.slots, self.capacity = slots, capacity
-        self._rows, self._starts, self._length = [], [], 0
+        self._rows, self._starts, self._length, self._widths = [], [], 0, None
 
     @classmethod
     def for_model(cls, config, slots: int, capacity: int, dtype, device="cpu") -> SlotCache:
@@ -90,10 +100,23 @@ class SlotCache(Cache):
         onwards and attends over positions < length."""
         if max(starts) + n > self.capacity:
             raise ValueError(f"position {max(starts) + n - 1} is past the cache's {self.capacity}")
-        self._rows, self._starts, self._length = rows, starts, length
+        self._rows, self._starts, self._length, self._widths = rows, starts, length, None
+
+    def plan_packed(self, rows: list[int], starts: list[int], widths: list[int], length: int) -> None:
+        """The next forward is packed (tide.models.Packed): (1, sum(widths)) inputs, row i's
+        segment written to slot rows[i] from starts[i]; attention reads slots 0..max(rows) up
+        to `length`, each token its own row's."""
+        if max(s + w for s, w in zip(starts, widths)) > self.capacity:
+            raise ValueError(f"position {max(s + w for s, w in zip(starts, widths)) - 1} is past the cache's "
+                             f"{self.capacity}")
+        self._rows, self._starts, self._length, self._widths = rows, starts, length, widths
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         kv = self.kv[layer_idx]
+        if self._widths is not None:
+            kv.write_packed(self._rows, self._starts, self._widths, key_states, value_states)
+            top = max(self._rows) + 1
+            return kv.k[:top, :, : self._length], kv.v[:top, :, : self._length]
         kv.write(self._rows, self._starts, key_states, value_states)
         return kv.read(self._rows, self._length)
 

@@ -261,9 +261,90 @@ def kernel_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else D**-0.5
-    out = kernels.built().bf16_attention(query.contiguous(), key.contiguous(), value.contiguous(),
+    out = kernels.built().bf16_attention(query.contiguous(), _rows_of_d(key), _rows_of_d(value),
                              torch.empty(0) if mask is None else mask, float(scale))
     return out, None
+
+
+def _rows_of_d(t: torch.Tensor) -> torch.Tensor:
+    """t as the kernel reads keys and values: each position's head_dim values contiguous (a view
+    into a preallocated cache is, whatever its other strides); a copy otherwise."""
+    return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
+
+
+PACKED_ATTENTION = "tide_packed"
+
+
+@dataclass
+class Packed:
+    """A batched pass's tokens packed into one sequence (tide.batch): no row is padded to the
+    widest. Token i is at place `index[i]` of the segment of cache row `rows[i]`; its attention
+    mask row (the pass's (1, 1, N, T) mask) says which of that row's T positions it sees."""
+
+    rows: torch.Tensor  # (N,) int32: the cache row (batch index of the keys and values) of each token
+    index: torch.Tensor  # (N,) long: each token's place in its row's segment
+    width: int  # the longest segment
+    batch: int  # cache rows the keys and values hold (rows < batch)
+    _padded: tuple | None = None
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                     tide_pack: Packed | None = None, **kwargs):
+    """transformers' attention interface for packed passes: query (1, H, N, D), keys and values
+    (rows, Hkv, T, D), each token attending over its own row's cache under its mask row. bf16 on
+    CPUs where tide.kernels runs: the kernel reads each token's row in place (rows independent of
+    the pass, as in kernel_attention). Elsewhere (fp32, GPUs): the queries padded by row, SDPA, and
+    back. A pass without `tide_pack` goes to the model's own attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if tide_pack is None:
+        base = getattr(module, "tide_base_attention", "sdpa")
+        fn = kernel_attention if base == KERNEL_ATTENTION else ALL_ATTENTION_FUNCTIONS.get(base, sdpa_attention_forward)
+        return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                  **kwargs)
+    from tide import kernels
+
+    mask = attention_mask[0, 0]  # (N, T): bool, or additive float
+    N, D = query.shape[2], query.shape[3]
+    if (kernels.attention_fits(query, key, value) and not dropout and kwargs.get("softcap") is None
+            and not kwargs.get("output_attentions") and N <= getattr(module, "tide_kernel_rows", kernels.ALL_ROWS)
+            and getattr(module, "tide_base_attention", None) == KERNEL_ATTENTION):
+        m = mask if mask.dtype == torch.bool else mask.float()
+        scale = scaling if scaling is not None else D**-0.5
+        out = kernels.built().bf16_attention_rows(query.contiguous(), _rows_of_d(key), _rows_of_d(value),
+                                                  m[None].contiguous(), float(scale), tide_pack.rows)
+        return out, None
+    p = tide_pack
+    r, i = p.rows.long(), p.index
+    if p._padded is None or p._padded[0].device != query.device:  # once per pass, not per layer
+        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        padded = torch.zeros(p.batch, 1, p.width, mask.shape[-1], dtype=torch.bool, device=query.device)
+        padded[:, :, :, 0] = True  # padding queries see position 0: a defined value, discarded
+        padded[r, 0, i] = allowed.to(query.device)
+        p._padded = (padded,)
+    q = query.new_zeros(p.batch, query.shape[1], p.width, D)
+    q[r, :, i] = query[0].transpose(0, 1)
+    out, _ = sdpa_attention_forward(module, q, key, value, p._padded[0], dropout=dropout, scaling=scaling,
+                                    is_causal=False, **kwargs)  # (rows, width, H, D)
+    return out[r, i][None], None
+
+
+def use_packed_attention(model: nn.Module) -> nn.Module:
+    """Let `model` take packed passes (`tide_pack=`); other passes keep its attention."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if model.config._attn_implementation == PACKED_ATTENTION:
+        return model
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    base = model.config._attn_implementation or "sdpa"
+    for m in model.modules():
+        if hasattr(m, "q_proj"):  # an attention layer
+            m.tide_base_attention = base
+    model.set_attn_implementation(PACKED_ATTENTION)
+    return model
 
 
 def _kernel_mask(mask, B: int, n: int, T: int):

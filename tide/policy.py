@@ -328,15 +328,14 @@ class AdaptivePolicy:
         """One choice per row of a batched step (asks: each row's offers, room, tree_ok), for the
         most expected tokens per millisecond of the whole step:
 
-            step ms = rows_ms(B x the widest row) + searches + the longest head chain's draft
-                      (one batched call per chain step serves every row) + each tree's draft
+            step ms = rows_ms(sum of widths) + searches + the longest head chain's draft (one
+                      batched call per chain step serves every row) + each tree's draft (per row)
 
-        The pass is padded: every row runs as wide as the widest (tide.batch), so one row's
-        draft of 5 makes a pass of 16 rows one of 96. Extra draft tokens cost what they add to
-        that pass (little on a small batch of a memory-bound model, a full row per row once it
-        is compute-bound), so speculation narrows as the batch grows, rows draft alike, and it
-        comes back as the batch shrinks. Coordinate ascent from no speculation: each row in turn
-        takes its option that most improves the step, two rounds (O(B) per row, O(1) per option)."""
+        A row's extra draft tokens cost what they add to the batch's pass (nearly nothing on a
+        small batch of a memory-bound model, a full row each once the pass is compute-bound), so
+        speculation narrows as the batch grows and comes back as it shrinks. Coordinate ascent
+        from no speculation: each row in turn takes its option that most improves the step, two
+        rounds (the objective in O(1) per option: totals kept, a chain's draft is the max)."""
         if len(asks) == 1:
             one = self.choose(*asks[0])
             self._step_ms = one.cost_ms
@@ -354,28 +353,27 @@ class AdaptivePolicy:
         picks = [opts[0] for opts in rows]  # options() lists no speculation first
         fixed = self.search_ms * B
         tokens = float(B)
+        width = B
         trees = 0.0
         for _ in range(2):
             changed = False
             for i, opts in enumerate(rows):
                 o0, w0, h0, t0 = picks[i]
-                others = [p for j, p in enumerate(picks) if j != i]
-                others_chain = max((p[2] for p in others), default=0.0)
-                others_width = max((p[1] for p in others), default=1)
-                base_tokens, base_trees = tokens - o0.expected, trees - t0
+                others_chain = max((p[2] for j, p in enumerate(picks) if j != i), default=0.0)
+                base_tokens, base_width, base_trees = tokens - o0.expected, width - w0, trees - t0
 
                 def rate(t):
                     o, w, h, tr = t
-                    ms = c.rows_ms(B * max(others_width, w)) + fixed + max(others_chain, h) + base_trees + tr
+                    ms = c.rows_ms(base_width + w) + fixed + max(others_chain, h) + base_trees + tr
                     return (base_tokens + o.expected) / ms
 
                 best = max(opts, key=rate)
                 if best is not picks[i] and rate(best) > rate(picks[i]):
                     picks[i], changed = best, True
-                    tokens, trees = base_tokens + best[0].expected, base_trees + best[3]
+                    tokens, width, trees = base_tokens + best[0].expected, base_width + best[1], base_trees + best[3]
             if not changed:
                 break
-        self._step_ms = c.rows_ms(B * max(p[1] for p in picks)) + fixed + max(p[2] for p in picks) + trees
+        self._step_ms = c.rows_ms(width) + fixed + max(p[2] for p in picks) + trees
         return [p[0] for p in picks]
 
     def observe_batch(self, choices: list[Choice], accepted: list[int], head_views: list, draft_s: float,
@@ -389,7 +387,7 @@ class AdaptivePolicy:
             self._learn(choice, a, view)
         self.passes += 1
         self.batched += 1
-        width = len(choices) * max(1 + ch.length for ch in choices)  # the padded pass
+        width = sum(1 + ch.length for ch in choices)
         ms = 1000 * verify_s
         f, c = self.refine, self.costs
         if f and width < len(c.verify):

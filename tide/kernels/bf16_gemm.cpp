@@ -439,21 +439,40 @@ void attend_rows(const float* q, const uint16_t* k, const uint16_t* v, int64_t T
 
 }  // namespace
 
-// q: (B, H, n, D) bf16; k, v: (B, Hkv, T, D) bf16 (H a multiple of Hkv: grouped queries);
+// Keys and values may be views into a larger cache (a slot's capacity past T): each position's D
+// values contiguous, any stride between heads and between batch rows.
+static bool rows_of_d(const torch::Tensor& t) { return t.stride(3) == 1 && t.stride(2) == t.size(3); }
+
+// q: (B, H, n, D) bf16; k, v: (Bk, Hkv, >= T, D) bf16 (H a multiple of Hkv: grouped queries);
 // mask: empty (causal: row i sees keys 0..T-n+i), or (B, n, T) bool (true = attend) or float32
-// (additive; < -1e30 = masked). Returns (B, n, H, D) bf16, the layout attention modules expect.
-torch::Tensor bf16_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                             const torch::Tensor& mask, double scale) {
+// (additive; < -1e30 = masked). rows: empty (query batch b reads k[b], Bk == B, T = k's length),
+// or (n,) int32 with B == 1: packed queries, query i reads k[rows[i]] under mask row i (T: the
+// mask's). Returns (B, n, H, D) bf16, the layout attention modules expect.
+static torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& mask, double scale, const torch::Tensor& rows) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "bf16_attention: q, k, v must be 4-D");
   TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && k.scalar_type() == torch::kBFloat16 &&
                   v.scalar_type() == torch::kBFloat16, "bf16_attention: q, k, v must be bfloat16");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "bf16_attention: inputs must be contiguous");
-  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), D = q.size(3), Hkv = k.size(1), T = k.size(2);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == T && k.size(3) == D &&
-                  v.size(3) == D && Hkv > 0 && H % Hkv == 0, "bf16_attention: q, k, v shapes do not match");
-  TORCH_CHECK(D % 8 == 0 && D <= kMaxHeadDim, "bf16_attention: head dim must be a multiple of 8, at most 256");
-  TORCH_CHECK(n <= T, "bf16_attention: more queries than keys");
+  TORCH_CHECK(q.is_contiguous() && rows_of_d(k) && rows_of_d(v),
+              "bf16_attention: q must be contiguous, k and v rows of head_dim contiguous");
+  const bool packed = rows.defined() && rows.numel() > 0;
   const bool has_mask = mask.numel() > 0;
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), D = q.size(3), Hkv = k.size(1), Bk = k.size(0);
+  const int64_t T = packed ? (has_mask ? mask.size(2) : 0) : k.size(2);
+  TORCH_CHECK(v.size(0) == Bk && v.size(1) == Hkv && v.size(2) == k.size(2) && k.size(3) == D && v.size(3) == D &&
+                  Hkv > 0 && H % Hkv == 0, "bf16_attention: q, k, v shapes do not match");
+  TORCH_CHECK(D % 8 == 0 && D <= kMaxHeadDim, "bf16_attention: head dim must be a multiple of 8, at most 256");
+  const int32_t* rp = nullptr;
+  if (packed) {
+    TORCH_CHECK(B == 1 && has_mask && rows.scalar_type() == torch::kInt && rows.is_contiguous() && rows.numel() == n,
+                "bf16_attention: packed queries need B == 1, a mask and (n,) int32 rows");
+    TORCH_CHECK(T <= k.size(2), "bf16_attention: the mask is longer than the cache");
+    rp = rows.data_ptr<int32_t>();
+    for (int64_t i = 0; i < n; ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < Bk, "bf16_attention: a row is out of range");
+  } else {
+    TORCH_CHECK(Bk == B, "bf16_attention: q, k, v batch sizes do not match");
+    TORCH_CHECK(n <= T, "bf16_attention: more queries than keys");
+  }
   if (has_mask) {
     TORCH_CHECK(mask.dim() == 3 && mask.size(0) == B && mask.size(1) == n && mask.size(2) == T &&
                     mask.is_contiguous() && (mask.scalar_type() == torch::kBool || mask.scalar_type() == torch::kFloat),
@@ -464,6 +483,7 @@ torch::Tensor bf16_attention(const torch::Tensor& q, const torch::Tensor& k, con
   const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
   auto out = torch::empty({B, n, H, D}, q.options());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t group = H / Hkv;
@@ -485,20 +505,32 @@ torch::Tensor bf16_attention(const torch::Tensor& q, const torch::Tensor& k, con
         const uint16_t* qr = qp + ((b * H + h0 + g) * n + i) * D;
         for (int64_t c = 0; c < D; c += 8) _mm256_storeu_ps(qf.data() + g * D + c, load_bf16(qr + c));
       }
-      const int64_t kv = (b * Hkv + hk) * T * D;
+      const int64_t kb = rp ? rp[i] : b;
+      const uint16_t* kr = kp + kb * ks0 + hk * ks1;
+      const uint16_t* vr = vp + kb * vs0 + hk * vs1;
       const int64_t row = (b * n + i) * T;
       const bool* al = mb ? mb + row : nullptr;
       const float* bi = mf ? mf + row : nullptr;
       uint16_t* o = op + ((b * n + i) * H + h0) * D;
       switch (G) {
-        case 4: attend_rows<4>(qf.data(), kp + kv, vp + kv, T, D, sc, al, bi, T - n + i, s.data(), ls, idx.data(), o, D); break;
-        case 3: attend_rows<3>(qf.data(), kp + kv, vp + kv, T, D, sc, al, bi, T - n + i, s.data(), ls, idx.data(), o, D); break;
-        case 2: attend_rows<2>(qf.data(), kp + kv, vp + kv, T, D, sc, al, bi, T - n + i, s.data(), ls, idx.data(), o, D); break;
-        default: attend_rows<1>(qf.data(), kp + kv, vp + kv, T, D, sc, al, bi, T - n + i, s.data(), ls, idx.data(), o, D); break;
+        case 4: attend_rows<4>(qf.data(), kr, vr, T, D, sc, al, bi, T - n + i, s.data(), ls, idx.data(), o, D); break;
+        case 3: attend_rows<3>(qf.data(), kr, vr, T, D, sc, al, bi, T - n + i, s.data(), ls, idx.data(), o, D); break;
+        case 2: attend_rows<2>(qf.data(), kr, vr, T, D, sc, al, bi, T - n + i, s.data(), ls, idx.data(), o, D); break;
+        default: attend_rows<1>(qf.data(), kr, vr, T, D, sc, al, bi, T - n + i, s.data(), ls, idx.data(), o, D); break;
       }
     }
   });
   return out;
+}
+
+torch::Tensor bf16_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                             const torch::Tensor& mask, double scale) {
+  return attention(q, k, v, mask, scale, torch::Tensor());
+}
+
+torch::Tensor bf16_attention_rows(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                  const torch::Tensor& mask, double scale, const torch::Tensor& rows) {
+  return attention(q, k, v, mask, scale, rows);
 }
 
 torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w) { return linear(x, w, false); }
@@ -511,4 +543,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear_dp", &bf16_linear_dp, "bf16 x (M, K) @ w (N, K) ^T with vdpbf16ps (AVX512-BF16 CPUs)");
   m.def("dp_bf16", &dp_bf16_cpu, "whether this CPU has AVX512-BF16 (bf16_linear_dp runs)");
   m.def("bf16_attention", &bf16_attention, "softmax(q k^T * scale + mask) v, bf16, rows independent of n");
+  m.def("bf16_attention_rows", &bf16_attention_rows,
+        "bf16_attention over packed queries: query i reads the cache row rows[i] (B == 1, a mask)");
 }
