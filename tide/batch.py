@@ -6,14 +6,17 @@ or tree, a lookup or history copy, or nothing), then one target forward verifies
 commits on its own (tide.speculative's rules, row by row). The KV caches are preallocated slots
 (tide.kvslots): a row's rollback is its length, a tree's accepted path moves down in place.
 
-    admit(request)  a new request prefills in chunks of `prefill_chunk` tokens, one chunk per
-                    step, so a long prompt does not stall the running rows; then it joins them
-    step()          one prefill chunk (if a request is joining), then one decode step over the
-                    running rows; returns the rows that finished (stop, length, cancelled, failed)
+    admit(request)  a new request prefills over the next steps, `prefill_chunk` prompt tokens
+                    per step shared by the requests joining (in order), so a long prompt does not
+                    stall the running rows; then it joins them
+    step()          one pass: every running row's decode step and the joining rows' prefill
+                    chunks packed together (chunked prefill, as vLLM's); returns the rows that
+                    finished (stop, length, cancelled, failed)
 
-Rows sit in slots 0..B-1 in order (the step reads the caches as one view); a row that leaves
-has the last rows moved down into its slot. The head drafts batched too: one call feeds every
-drafting row's verified positions, one call per chain step feeds each row's newest draft token.
+Rows sit in slots 0..B-1 in order, the joining ones after the running ones (the step reads the
+caches as one view); a row that leaves has the rows after it moved down. The head drafts batched
+too: one call feeds every drafting row's verified positions, one call per chain step feeds each
+row's newest draft token.
 
 Lossless per row: every emitted token is the target's (greedy: its argmax after exactly the
 row's own tokens; sampling: tide.rejection per row with the row's own generator), whatever the
@@ -104,8 +107,12 @@ class BatchDecoder:
         self.heads = HeadSlots.for_head(head, slots, capacity) if speculative else None
         self.slots = slots
         self.running: list[Row] = []
-        self.joining: Row | None = None
+        self.joining: list[Row] = []  # prefilling, in admission order, in the slots after the running rows
         self.device = device
+        # a pass wider than the bf16 kernel takes (tide.kernels.kernel_rows) runs on torch's bf16, whose
+        # rows depend on the pass: prefill chunks join a decode pass only while it stays this narrow
+        self.mix_rows = min((m.bf16_rows for m in target.model.modules() if getattr(m, "bf16_on", False)),
+                            default=1 << 30)
         self.steps = 0
         self.last_batch = 0
 
@@ -114,10 +121,10 @@ class BatchDecoder:
         return self.cache.nbytes + (self.heads.kv.nbytes if self.heads is not None else 0)
 
     def has_room(self) -> bool:
-        return self.joining is None and len(self.running) < self.slots
+        return len(self.running) + len(self.joining) < self.slots
 
     def busy(self) -> bool:
-        return self.joining is not None or bool(self.running)
+        return bool(self.joining or self.running)
 
     def admit(self, req: Request) -> Row:
         """Start a request: it prefills over the next steps. Raises ContextTooLong."""
@@ -125,57 +132,82 @@ class BatchDecoder:
             raise RuntimeError("no free slot: admit only when has_room()")
         _check_room(self.target, len(req.prompt), self.max_context)
         k = req.params.k
-        row = Row(req, len(self.running), _generator(req.params),
+        row = Row(req, len(self.running) + len(self.joining), _generator(req.params),
                   Generation(tokens=[], finish_reason="length", prompt_len=len(req.prompt), accepted_per_pos=[0] * k),
                   _Emitter(req.on_tokens), started=time.perf_counter())
         if self.heads is not None:
             self.heads.lengths[row.slot] = 0
-        self.joining = row
+        self.joining.append(row)
         return row
 
     @torch.inference_mode()
     def step(self) -> list[Row]:
-        """One prefill chunk and one decode step; the rows that finished (they left their slots)."""
-        finished = []
-        if self.joining is not None:
-            row = self.joining
-            if row.req.cancelled:
-                row.error = Cancelled(f"request {row.req.rid} was cancelled")
-            else:
-                try:
-                    self._prefill_chunk(row)
-                except Exception as e:  # noqa: BLE001 - the row fails, the batch goes on
-                    row.error = e
-            if row.done:
-                finished.append(row)
-                self.joining = None
-            elif row.prefilled == len(row.req.prompt):
-                self.running.append(row)
-                self.joining = None
-        for row in self.running:
+        """One pass: the running rows' decode step and the joining rows' prefill chunks; the rows
+        that finished (they left their slots)."""
+        for row in (*self.joining, *self.running):
             if row.req.cancelled and not row.done:
                 row.error = Cancelled(f"request {row.req.rid} was cancelled")
-        finished += self._leave()
-        if self.running:
+        finished = self._leave()
+        if self.running or self.joining:
             self._decode(self.running)
-            finished += self._leave()
-        return finished
+        self._joined()
+        return finished + self._leave()
+
+    def _chunks(self, budget: int) -> list[tuple[Row, int, int]]:
+        """(row, start, end): the prompt tokens each joining row prefills this step, in order,
+        `budget` in all."""
+        out = []
+        for row in self.joining:
+            if budget <= 0:
+                break
+            if row.done or row.prefilled >= len(row.req.prompt):
+                continue
+            end = min(len(row.req.prompt), row.prefilled + budget)
+            out.append((row, row.prefilled, end))
+            budget -= end - row.prefilled
+        return out
+
+    def _prefill_alone(self) -> None:
+        """A step's prefill chunks in passes of their own (one per row), before the decode pass:
+        where the decode pass alone is as wide as the kernel takes."""
+        for row, start, end in self._chunks(self.prefill_chunk):
+            try:
+                self._prefill_chunk(row, start, end)
+            except Exception as e:  # noqa: BLE001 - the row fails, the batch goes on
+                row.error = e
+
+    def _joined(self) -> None:
+        """After a pass: rows whose prompt is in the cache join the running ones (a prefix of the
+        joining rows that stay: the chunk budget goes in order). Rows that finished or failed at
+        once stay for _leave."""
+        ready = []
+        for row in self.joining:
+            if row.done:
+                continue
+            if row.prefilled < len(row.req.prompt):
+                break
+            ready.append(row)
+        if ready:
+            self.running += ready
+            self.joining = [r for r in self.joining if r not in ready]
 
     def _leave(self) -> list[Row]:
-        gone = [r for r in self.running if r.done]
+        gone = [r for r in (*self.running, *self.joining) if r.done]
         if gone:
-            self.running = self._compact([r for r in self.running if not r.done])
+            self.running = [r for r in self.running if not r.done]
+            self.joining = [r for r in self.joining if not r.done]
+            self._compact()
         return gone
 
-    def _compact(self, keep: list[Row]) -> list[Row]:
-        """Move the rows that stay into slots 0..len-1 (lowest first: each target slot is free),
-        and the joining row after them."""
-        for i, row in enumerate(keep):
+    def _compact(self) -> None:
+        """Move the rows that stay into slots 0..len-1 in order, running then joining (lowest
+        first: each target slot is free)."""
+        for i, row in enumerate(self.running):
             if row.slot != i:
                 self._move(row, i, row.length)
-        if self.joining is not None and self.joining.slot != len(keep):
-            self._move(self.joining, len(keep), self.joining.prefilled)
-        return keep
+        for i, row in enumerate(self.joining, start=len(self.running)):
+            if row.slot != i:
+                self._move(row, i, row.prefilled)
 
     def _move(self, row: Row, slot: int, length: int) -> None:
         self.cache.move(row.slot, slot, length)
@@ -184,9 +216,8 @@ class BatchDecoder:
         row.slot = slot
 
     # -- prefill ---------------------------------------------------------------------------------
-    def _prefill_chunk(self, row: Row) -> None:
-        prompt, start = row.req.prompt, row.prefilled
-        end = min(len(prompt), start + self.prefill_chunk)
+    def _prefill_chunk(self, row: Row, start: int, end: int) -> None:
+        prompt = row.req.prompt
         pos = torch.arange(start, end, device=self.device)[None]
         mask = (torch.arange(end, device=self.device)[None, :] <= pos[0][:, None])[None, None]  # (1,1,c,end)
         self.cache.plan([row.slot], [start], end - start, end)
@@ -194,15 +225,24 @@ class BatchDecoder:
         out = self.target.model(input_ids=torch.tensor([prompt[start:end]], device=self.device),
                                 past_key_values=self.cache, use_cache=True, output_hidden_states=hidden,
                                 position_ids=pos, attention_mask=mask, logits_to_keep=1)
-        if hidden:
-            hs = out.hidden_states
-            row.pending_f.append(torch.cat([hs[i][0] for i in self.target.feature_layers], dim=-1))
+        hs = out.hidden_states if hidden else None
+        self._prefilled(row, end, out.logits[0, -1],
+                        torch.cat([hs[i][0] for i in self.target.feature_layers], dim=-1) if hidden else None,
+                        hs[-1][0] if hidden else None)
+
+    def _prefilled(self, row: Row, end: int, last_logits, features, final) -> None:
+        """A prefill chunk of `row` ran up to `end`: keep its features; at the prompt's end the
+        row has its first token."""
+        prompt = row.req.prompt
+        if features is not None:
+            if self.speculative:
+                row.pending_f.append(features)
             if row.req.capture:
-                row.captured.append((row.pending_f[-1], hs[-1][0]))
+                row.captured.append((features, final))
         row.prefilled = end
         if end < len(prompt):
             return
-        y = sample_token(out.logits[0, -1], row.req.params, row.gen)
+        y = sample_token(last_logits, row.req.params, row.gen)
         row.length, row.y = len(prompt), y
         row.pending_t = [*prompt[1:], y]
         row.sequence = [*prompt, y]
@@ -211,12 +251,31 @@ class BatchDecoder:
 
     # -- a decode step -----------------------------------------------------------------------------
     def _decode(self, rows: list[Row]) -> None:
+        """One pass: the running rows draft and verify, and the joining rows' prefill chunks go
+        in the same pass (chunked prefill), as many tokens as keep it as narrow as the kernel
+        takes (self.mix_rows); where none fit, the chunks run first in passes of their own."""
         t0 = time.perf_counter()
-        choices = self._choose(rows)
-        drafts = self._draft(rows, choices)
+        want = min(self.prefill_chunk, sum(len(r.req.prompt) - r.prefilled for r in self.joining))
+        choices = self._choose(rows, want) if rows else []
+        drafts = self._draft(rows, choices) if rows else []
+        room = min(self.prefill_chunk, self.mix_rows - sum(1 + len(d.tokens) for d in drafts))
         t1 = time.perf_counter()
-        out = self._verify(rows, drafts)
+        if self.joining and room < 1:
+            self._prefill_alone()
+        chunks = self._chunks(room) if room >= 1 else []
+        extra = sum(e - s for _, s, e in chunks)
+        if not rows and not chunks:
+            return
+        t_pass = time.perf_counter()
+        out, prefills = self._verify(rows, drafts, chunks)
         t2 = time.perf_counter()
+        for (row, _, end), (last, f, fin) in zip(chunks, prefills):
+            try:
+                self._prefilled(row, end, last, f, fin)
+            except Exception as e:  # noqa: BLE001 - the row fails, the batch goes on
+                row.error = e
+        if not rows:
+            return
         accepted = []
         for row, d, o in zip(rows, drafts, out):
             try:
@@ -228,8 +287,8 @@ class BatchDecoder:
         self.last_batch = len(rows)
         if self.policy is not None and hasattr(self.policy, "observe_batch"):
             views = [self._head_view(d, a) for d, a in zip(drafts, accepted)]
-            self.policy.observe_batch([d.choice for d in drafts], accepted, views, t1 - t0, t2 - t1,
-                                      [r.req.params.seed is None for r in rows])
+            self.policy.observe_batch([d.choice for d in drafts], accepted, views, t1 - t0, t2 - t_pass,
+                                      [r.req.params.seed is None for r in rows], extra)
         share = (t2 - t0) / len(rows)
         for row, d, a in zip(rows, drafts, accepted):
             if row.error is not None:
@@ -239,7 +298,7 @@ class BatchDecoder:
             self._count(row, d, a)
             self._finish_check(row)
 
-    def _choose(self, rows: list[Row]) -> list[Choice]:
+    def _choose(self, rows: list[Row], extra: int = 0) -> list[Choice]:
         if not self.speculative:
             return [Choice(NONE)] * len(rows)
         asks, fixed = [], []
@@ -255,7 +314,7 @@ class BatchDecoder:
                                     for r, a, f in zip(rows, asks, fixed)]
         free = [i for i, f in enumerate(fixed) if not f]
         if free:
-            for i, c in zip(free, self.policy.choose_batch([asks[i] for i in free])):
+            for i, c in zip(free, self.policy.choose_batch([asks[i] for i in free], extra)):
                 out[i] = c
         self._offers = [a[0] for a in asks]
         return out
@@ -360,13 +419,15 @@ class BatchDecoder:
                               torch.stack(probs[i]) if probs[i] else None, tops=tops[i]))
         return out
 
-    def _verify(self, rows: list[Row], drafts: list[_Draft]) -> list[tuple]:
-        """One packed target pass over every row's [y, draft...] (no row padded to the widest);
-        per row: its logits, and its features and final hidden states where they are kept."""
+    def _verify(self, rows: list[Row], drafts: list[_Draft], chunks: list) -> tuple[list, list]:
+        """One packed target pass over every row's [y, draft...] (no row padded to the widest)
+        and the prefill chunks; per row: its logits, and its features and final hidden states
+        where they are kept; per chunk: its last position's logits, its features and finals."""
         widths = [1 + len(d.tokens) for d in drafts]
-        T = max(r.length + w for r, w in zip(rows, widths))
+        sizes = [e - s for _, s, e in chunks]
+        T = max([r.length + w for r, w in zip(rows, widths)] + [e for _, _, e in chunks])
         ids, depth, index, slot_of = [], [], [], []
-        mask = torch.zeros(sum(widths), T, dtype=torch.bool)
+        mask = torch.zeros(sum(widths) + sum(sizes), T, dtype=torch.bool)
         o = 0
         for row, d, w in zip(rows, drafts, widths):
             ids.append(torch.cat((torch.tensor([row.y]), d.tokens)))
@@ -380,13 +441,28 @@ class BatchDecoder:
                 depth.append(torch.arange(row.length, row.length + w))
                 mask[o : o + w, row.length : row.length + w] = torch.ones(w, w, dtype=torch.bool).tril()
             o += w
+        for (row, start, end), w in zip(chunks, sizes):
+            ids.append(torch.tensor(row.req.prompt[start:end]))
+            index.append(torch.arange(w))
+            slot_of.append(torch.full((w,), row.slot, dtype=torch.int32))
+            depth.append(torch.arange(start, end))
+            mask[o : o + w, :start] = True
+            mask[o : o + w, start:end] = torch.ones(w, w, dtype=torch.bool).tril()
+            o += w
+        everyone = [*rows, *(r for r, _, _ in chunks)]
         dev = self.device
-        pack = Packed(torch.cat(slot_of).to(dev), torch.cat(index).to(dev), max(widths), max(r.slot for r in rows) + 1)
-        self.cache.plan_packed([r.slot for r in rows], [r.length for r in rows], widths, T)
-        hidden = self.speculative or any(r.req.capture for r in rows)
+        pack = Packed(torch.cat(slot_of).to(dev), torch.cat(index).to(dev), max(widths + sizes),
+                      max(r.slot for r in everyone) + 1)
+        self.cache.plan_packed([r.slot for r in everyone], [r.length for r in rows] + [s for _, s, _ in chunks],
+                               widths + sizes, T)
+        hidden = self.speculative or any(r.req.capture for r in everyone)
+        # the LM head only where a token is chosen: every decode position, a chunk's last one
+        ends = torch.tensor(sizes).cumsum(0) + sum(widths) - 1
+        keep = torch.cat((torch.arange(sum(widths)), ends)).to(dev)
         out = self.target.model(input_ids=torch.cat(ids)[None].to(dev), past_key_values=self.cache, use_cache=True,
                                 output_hidden_states=hidden, position_ids=torch.cat(depth)[None].to(dev),
-                                attention_mask=mask[None, None].to(dev), tide_pack=pack)
+                                attention_mask=mask[None, None].to(dev), tide_pack=pack,
+                                logits_to_keep=keep if chunks else 0)
         features = final = None
         if hidden:
             hs = out.hidden_states
@@ -397,7 +473,12 @@ class BatchDecoder:
             per_row.append((out.logits[0, o : o + w], None if features is None else features[o : o + w],
                             None if final is None else final[o : o + w]))
             o += w
-        return per_row
+        prefills = []
+        for j, w in enumerate(sizes):
+            prefills.append((out.logits[0, sum(widths) + j], None if features is None else features[o : o + w],
+                             None if final is None else final[o : o + w]))
+            o += w
+        return per_row, prefills
 
     def _accept(self, row: Row, d: _Draft, out: tuple) -> int:
         lg, features, final = out

@@ -307,7 +307,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
     mask = attention_mask[0, 0]  # (N, T): bool, or additive float
     N, D = query.shape[2], query.shape[3]
-    if (kernels.attention_fits(query, key, value) and not dropout and kwargs.get("softcap") is None
+    if (kernels.attention_fits(query, key, value, packed=True) and not dropout and kwargs.get("softcap") is None
             and not kwargs.get("output_attentions") and N <= getattr(module, "tide_kernel_rows", kernels.ALL_ROWS)
             and getattr(module, "tide_base_attention", None) == KERNEL_ATTENTION):
         m = mask if mask.dtype == torch.bool else mask.float()

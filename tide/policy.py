@@ -324,19 +324,21 @@ class AdaptivePolicy:
     def choose(self, offers: dict[str, list[int]], room: int, tree_ok: bool) -> Choice:
         return max(self.options(offers, room, tree_ok), key=lambda o: (o.expected / o.cost_ms, self.rng.random()))
 
-    def choose_batch(self, asks: list[tuple[dict, int, bool]]) -> list[Choice]:
+    def choose_batch(self, asks: list[tuple[dict, int, bool]], extra: int = 0) -> list[Choice]:
         """One choice per row of a batched step (asks: each row's offers, room, tree_ok), for the
         most expected tokens per millisecond of the whole step:
 
-            step ms = rows_ms(sum of widths) + searches + the longest head chain's draft (one
-                      batched call per chain step serves every row) + each tree's draft (per row)
+            step ms = rows_ms(extra + sum of widths) + searches + the longest head chain's draft
+                      (one batched call per chain step serves every row) + each tree's draft
+
+        (extra: prompt tokens prefilled in the same pass.)
 
         A row's extra draft tokens cost what they add to the batch's pass (nearly nothing on a
         small batch of a memory-bound model, a full row each once the pass is compute-bound), so
         speculation narrows as the batch grows and comes back as it shrinks. Coordinate ascent
         from no speculation: each row in turn takes its option that most improves the step, two
         rounds (the objective in O(1) per option: totals kept, a chain's draft is the max)."""
-        if len(asks) == 1:
+        if len(asks) == 1 and not extra:
             one = self.choose(*asks[0])
             self._step_ms = one.cost_ms
             return [one]
@@ -353,7 +355,7 @@ class AdaptivePolicy:
         picks = [opts[0] for opts in rows]  # options() lists no speculation first
         fixed = self.search_ms * B
         tokens = float(B)
-        width = B
+        width = B + extra
         trees = 0.0
         for _ in range(2):
             changed = False
@@ -377,17 +379,17 @@ class AdaptivePolicy:
         return [p[0] for p in picks]
 
     def observe_batch(self, choices: list[Choice], accepted: list[int], head_views: list, draft_s: float,
-                      verify_s: float, learn: list[bool] | None = None) -> None:
+                      verify_s: float, learn: list[bool] | None = None, extra: int = 0) -> None:
         """A batched step's outcome: each row's acceptance (rows with learn False, seeded
         requests drafting in their own order, teach acceptance only), and the step's time, which
         mends the cost of a pass of that many rows."""
-        if len(choices) == 1:
+        if len(choices) == 1 and not extra:
             return self.observe(choices[0], accepted[0], draft_s, verify_s, head_views[0])
         for choice, a, view in zip(choices, accepted, head_views):
             self._learn(choice, a, view)
         self.passes += 1
         self.batched += 1
-        width = sum(1 + ch.length for ch in choices)
+        width = extra + sum(1 + ch.length for ch in choices)
         ms = 1000 * verify_s
         f, c = self.refine, self.costs
         if f and width < len(c.verify):

@@ -98,7 +98,7 @@ def test_each_row_rolls_back_to_exactly_its_verified_prefix(tiny):
     dec = BatchDecoder(tiny, head, slots=3, max_context=256, prefill_chunk=4)
     for i, p in enumerate(_prompts(3, seed=2)):
         dec.admit(Request(p, DecodeConfig(k=4, max_new_tokens=200, lookup_ngram=0), rid=str(i)))
-        while dec.joining is not None:
+        while dec.joining:
             dec.step()
     for _ in range(6):
         dec.step()
@@ -137,11 +137,11 @@ def test_a_long_prompt_joins_without_stalling_the_running_rows(tiny):
     long = Request(long_prompt, DecodeConfig(k=2, max_new_tokens=10), rid="long")
     dec = BatchDecoder(tiny, head, slots=2, max_context=512, prefill_chunk=16)
     dec.admit(short)
-    while dec.joining is not None:
+    while dec.joining:
         dec.step()
     dec.admit(long)
     grew = []
-    while dec.joining is not None:
+    while dec.joining:
         before = len(dec.running[0].sequence)
         dec.step()
         grew.append(len(dec.running[0].sequence) > before)

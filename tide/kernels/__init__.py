@@ -107,13 +107,14 @@ def built():
     return _ext
 
 
-def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool = False) -> bool:
     """Whether `bf16_attention` takes these (B, H, n, D) queries and (B, Hkv, T, D) keys/values:
-    the extension built, bf16 host tensors, no autograd, a head dim it covers, n <= T."""
+    the extension built, bf16 host tensors, no autograd, a head dim it covers, n <= T (packed
+    queries, `bf16_attention_rows`, from several rows: any n)."""
     D = q.shape[-1]
     return (_ext is not None and q.device.type == "cpu" and not torch.is_grad_enabled()
             and q.dtype == k.dtype == v.dtype == torch.bfloat16 and D % 8 == 0 and D <= 256
-            and q.shape[2] <= k.shape[2])
+            and (packed or q.shape[2] <= k.shape[2]))
 
 
 def bf16_kernel(mode: str = "auto"):
