@@ -188,6 +188,31 @@ def plot(minutes: list[dict], out: Path, title: str) -> None:
     fig.savefig(out, dpi=100)
 
 
+def plot_clients(report: dict, out: Path) -> None:
+    """tok/s and latency p99 of each service by concurrent clients."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = sorted(int(c) for c in report["clients"])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for service, label in LABELS.items():
+        rows = [report["clients"][c].get(service) for c in clients]
+        if all(rows):
+            a.plot(clients, [r["throughput_tok_s"] for r in rows], marker="o", label=label)
+            b.plot(clients, [r["latency_p99_s"] for r in rows], marker="o", label=label)
+    for ax, name in ((a, "tok/s"), (b, "latency p99 (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(clients, [str(c) for c in clients])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(name)
+    a.legend()
+    fig.suptitle(f"service bench by concurrency, {report['cpu']}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/service-bench")
@@ -304,6 +329,8 @@ def bench(args, out: Path, ports: dict, runs: dict) -> int:
                         for s in slices]
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot(minutes, out / "service-bench.png", f"service bench, {report['cpu']}")
+    if len(args.clients) > 1:
+        plot_clients(report, out / "service-bench-clients.png")
     names = "/".join(services)
     for c, row in report["clients"].items():
         t, s = row["target"], row["tide"]

@@ -205,16 +205,17 @@ def test_full_queue_answers_429_quickly(server):
     def one():
         t0 = time.monotonic()
         r = httpx.post(server["url"] + "/v1/completions", headers=headers, timeout=120,
-                       json={"prompt": "count with me", "max_tokens": 24})
+                       json={"prompt": "count with me", "max_tokens": 200})  # long: the slots stay full
         statuses.append(r.status_code)
         times.append((r.status_code, time.monotonic() - t0))
 
-    threads = [threading.Thread(target=one) for _ in range(10)]
+    n = 40  # well past serving.max_batch (the default 16) + max_queue (2)
+    threads = [threading.Thread(target=one) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    assert len(statuses) == 10 and set(statuses) <= {200, 429}
+    assert len(statuses) == n and set(statuses) <= {200, 429}
     assert 200 in statuses and 429 in statuses
     assert max(dt for s, dt in times if s == 429) < 2.0
     _healthy(server["url"])
@@ -290,8 +291,8 @@ def test_a_client_gone_before_a_plain_answer_stops_its_decoding(server, client):
     before, gone = _metric(server, 'status="cancelled"'), _metric(server, 'status="client_gone"')
     done = []
     busy = [threading.Thread(target=lambda: done.append(client.completions.create(
-        model="m", prompt="a long story about the sea", max_tokens=200, temperature=0))) for _ in range(2)]
-    for t in busy:  # the replica decodes one, the other waits; the next request waits behind both
+        model="m", prompt="a long story about the sea", max_tokens=200, temperature=0))) for _ in range(16)]
+    for t in busy:  # they fill the replica's batch (serving.max_batch 16): the next request waits behind them
         t.start()
     time.sleep(0.05)
     sock = _send_and_leave(server, {"prompt": "tell a very long story", "max_tokens": 200})
@@ -299,7 +300,7 @@ def test_a_client_gone_before_a_plain_answer_stops_its_decoding(server, client):
     sock.close()  # gone while it waits for its answer
     for t in busy:
         t.join(120)
-    assert len(done) == 2 and _slots_free(server)
+    assert len(done) == 16 and _slots_free(server)
     deadline = time.time() + 30
     while time.time() < deadline and _metric(server, 'status="cancelled"') == before:
         time.sleep(0.2)
