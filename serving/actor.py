@@ -18,7 +18,13 @@ from serving.engine import ServingEngine
 from serving.record_writer import AsyncRecordWriter
 from tide.config import from_dict
 from tide.malloc import bound_heap
-from tide.transport.redis_transport import RedisAnswerStream, RedisRecordStream, RedisWeightChannel, connect
+from tide.transport.redis_transport import (
+    RedisAnswerStream,
+    RedisLoadBoard,
+    RedisRecordStream,
+    RedisWeightChannel,
+    connect,
+)
 
 _DONE = object()
 
@@ -40,6 +46,7 @@ class ServingActor:
         self.engine = ServingEngine.build(self.cfg, replica, writer, weights, answers)
         self.engine.start_weight_poller()
         self.engine.start_answer_sync()
+        self.engine.start_load_marks(RedisLoadBoard(client, rc.prefix))
 
     def ready(self) -> dict:
         return {"replica": self.engine.replica, "draft_version": self.engine.version,

@@ -410,6 +410,30 @@ class ServingEngine:
         log.info("replica %s now serves draft v%d", self.replica, version)
         return True
 
+    def busy(self) -> bool:
+        """Whether the replica holds requests (waiting or in its batch)."""
+        return bool(self._queue) or self.decoder.busy()
+
+    def start_load_marks(self, load, every_s: float = 0.5, ttl_s: float = 2.0) -> None:
+        """Keep this replica's mark on the load board (tide.transport LoadBoard) while it holds
+        requests, so that a trainer sharing the machine trains at most online.busy_share of the
+        time (trainers/online.py); the mark expires by itself if this replica dies. A Redis that
+        is slow or gone delays only this thread, never a request."""
+        def loop():
+            marked, failing = False, False
+            while not self._stop.wait(every_s):
+                busy = self.busy()
+                try:
+                    if busy or marked:
+                        load.mark(self.replica, busy, ttl_s)
+                    marked, failing = busy, False
+                except Exception as e:  # noqa: BLE001 - TransportError and the like: retried next tick
+                    if not failing:
+                        log.warning("load mark failed (retrying): %s", e)
+                    failing = True
+
+        threading.Thread(target=loop, name="load-marks", daemon=True).start()
+
     def start_weight_poller(self) -> None:
         def loop():
             while not self._stop.wait(self.cfg.serving.swap_poll_s):

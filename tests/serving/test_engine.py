@@ -160,3 +160,32 @@ def test_a_burst_that_fits_the_free_slots_and_the_queue_is_served_and_one_more_i
     assert not errors and sorted(results) == [0, 1, 2, 3, 4]
     for i, tokens in results.items():
         assert tokens == target_generate(target, [1, 2, 3 + i], params).tokens
+
+
+def test_a_replica_marks_itself_busy_while_it_holds_requests_and_idle_after():
+    """The trainer yields to serving by the load board (online.busy_share): a replica's mark is
+    up while a request decodes and gone once it is served."""
+    from tide.transport.memory import MemoryLoadBoard
+
+    cfg = load_config(overrides=["decode.max_new_tokens=6", "serving.capture=false", "serving.speculative=false"])
+    target = tiny_target()
+    engine = ServingEngine(cfg, "r0", target, new_head(target, 64), 0)
+    board = MemoryLoadBoard()
+    engine.start_load_marks(board, every_s=0.05, ttl_s=5.0)
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold(_tokens):
+        entered.set()
+        gate.wait(10)
+
+    t = threading.Thread(target=engine.generate, args=([1, 2, 3], engine.decode_params()), kwargs={"on_tokens": hold})
+    try:
+        assert board.busy() == 0
+        t.start()
+        assert entered.wait(10) and _wait(lambda: board.busy() == 1)
+        gate.set()
+        t.join(10)
+        assert _wait(lambda: board.busy() == 0)  # unmarked at once, not left to expire
+    finally:
+        gate.set()
+        engine.stop()
