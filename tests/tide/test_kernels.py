@@ -290,6 +290,18 @@ def test_heads_computed_together_get_the_bits_of_a_head_alone(ext, h, hkv, n):
 
 
 @needs_kernel
+def test_bf16_attention_takes_one_position_transposed_keys(ext):
+    """A draft head fed one position on an empty cache hands the kernel k (1, Hkv, 1, D) from a
+    transpose: is_contiguous() ignores the length-1 axis's stride, the kernel must too (it raised)."""
+    q = torch.randn(1, 1, 9, 64).bfloat16().transpose(1, 2).contiguous()
+    k, v = (torch.randn(1, 1, 3, 64).bfloat16().transpose(1, 2).contiguous() for _ in range(2))
+    assert k.stride(2) != k.size(3)
+    got = ext.bf16_attention(q, k, v, torch.empty(0), 0.125)
+    torch.testing.assert_close(got.double(), _attention_ref(q, k, v, torch.ones(1, 1, dtype=torch.bool), 0.125),
+                               atol=1e-2, rtol=2 ** -7)
+
+
+@needs_kernel
 def test_a_bf16_draft_head_attends_on_the_kernel_like_on_sdpa(ext):
     import copy
 

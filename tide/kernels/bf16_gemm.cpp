@@ -441,7 +441,11 @@ void attend_rows(const float* q, const uint16_t* k, const uint16_t* v, int64_t T
 
 // Keys and values may be views into a larger cache (a slot's capacity past T): each position's D
 // values contiguous, any stride between heads and between batch rows.
-static bool rows_of_d(const torch::Tensor& t) { return t.stride(3) == 1 && t.stride(2) == t.size(3); }
+// rows of D contiguous; a length-1 position axis has any stride (a contiguous (B, T, H, D) -> (B, H, T, D)
+// transpose of one position keeps its view's stride there, and is_contiguous() ignores it)
+static bool rows_of_d(const torch::Tensor& t) {
+  return t.stride(3) == 1 && (t.size(2) <= 1 || t.stride(2) == t.size(3));
+}
 
 // q: (B, H, n, D) bf16; k, v: (Bk, Hkv, >= T, D) bf16 (H a multiple of Hkv: grouped queries);
 // mask: empty (causal: row i sees keys 0..T-n+i), or (B, n, T) bool (true = attend) or float32
