@@ -416,16 +416,18 @@ class ServingEngine:
 
     def start_load_marks(self, load, every_s: float = 0.5, ttl_s: float = 2.0) -> None:
         """Keep this replica's mark on the load board (tide.transport LoadBoard) while it holds
-        requests, so that a trainer sharing the machine trains at most online.busy_share of the
-        time (trainers/online.py); the mark expires by itself if this replica dies. A Redis that
-        is slow or gone delays only this thread, never a request."""
+        requests, with what speculation earns it now (the controller's gain), so that a trainer
+        sharing the machine trains only that share of the time (trainers/online.py); the mark
+        expires by itself if this replica dies. A Redis that is slow or gone delays only this
+        thread, never a request."""
         def loop():
             marked, failing = False, False
             while not self._stop.wait(every_s):
                 busy = self.busy()
+                gain = self.policy.gain() if hasattr(self.policy, "gain") else None
                 try:
                     if busy or marked:
-                        load.mark(self.replica, busy, ttl_s)
+                        load.mark(self.replica, busy, ttl_s, gain)
                     marked, failing = busy, False
                 except Exception as e:  # noqa: BLE001 - TransportError and the like: retried next tick
                     if not failing:

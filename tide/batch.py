@@ -233,21 +233,38 @@ class BatchDecoder:
     def _prefilled(self, row: Row, end: int, last_logits, features, final) -> None:
         """A prefill chunk of `row` ran up to `end`: keep its features; at the prompt's end the
         row has its first token."""
-        prompt = row.req.prompt
-        if features is not None:
-            if self.speculative:
-                row.pending_f.append(features)
-            if row.req.capture:
-                row.captured.append((features, final))
+        prompt, start = row.req.prompt, row.prefilled
+        if features is not None and row.req.capture:
+            row.captured.append((features, final))
         row.prefilled = end
+        if features is not None and self.speculative:
+            # the head reads the chunk now (its positions' next tokens are known) but the prompt's
+            # last position, which predicts the first draft token, as the backlog of one
+            nexts = prompt[start + 1 : end + 1]
+            self._feed_prompt(row, start, features[: len(nexts)], nexts)
+            if end == len(prompt):
+                row.pending_f = [features[-1:]]
         if end < len(prompt):
             return
         y = sample_token(last_logits, row.req.params, row.gen)
         row.length, row.y = len(prompt), y
-        row.pending_t = [*prompt[1:], y]
+        row.pending_t = [y]
         row.sequence = [*prompt, y]
         row.g.prefill_s = time.perf_counter() - row.started
         self._finish_check(row)
+
+    def _feed_prompt(self, row: Row, start: int, features: torch.Tensor, tokens: list[int]) -> None:
+        """The head reads prompt positions start.. (their features, each next token) into its
+        cache as they prefill: a row's first draft then reads one position, not the prompt."""
+        n = len(tokens)
+        if n == 0:
+            return
+        pos = torch.arange(start, start + n, device=self.device)[None]
+        mask = (torch.arange(start + n, device=self.device)[None, None, :] <= pos[:, :, None])[:, None]
+        ids = torch.tensor([tokens], device=self.device)
+        self.head(self.head.fuse(features[None]), self.target.embed(ids), pos,
+                  self.heads.batch([row.slot], [start], start + n), attn_mask=mask)
+        self.heads.lengths[row.slot] = start + n
 
     # -- a decode step -----------------------------------------------------------------------------
     def _decode(self, rows: list[Row]) -> None:
@@ -306,7 +323,7 @@ class BatchDecoder:
             p = row.req.params
             room = self.max_context - row.length - 1
             offers = draft_offers(row.sequence, p, self.history, room)
-            asks.append((offers, room, p.temperature == 0))
+            asks.append((offers, room, p.temperature == 0, len(row.pending_t)))
             # a seeded request drafts in its configured order: under sampling the draft decides how
             # its random stream is spent, and the same seed must give the same text
             fixed.append(self.policy is None or p.seed is not None or not hasattr(self.policy, "choose_batch"))

@@ -138,10 +138,12 @@ class OnlineConfig:
     goal_accept_len: float = 3.5  # keep training while served acceptance is below this
     patience: int = 4  # gate rejections in a row (no drift) before training pauses
     threads: int = 1
-    # training on idle compute: while any replica serves requests, the trainer trains at most this
-    # share of the time (full speed while they all idle), which bounds what serving on a shared
-    # machine can lose to it; 1.0 where it has a node or a GPU of its own (num_cpus / num_gpus)
+    # training on idle compute: full speed while every replica idles; while any serves requests,
+    # the share of the time that speculation earns them (gain - 1), at least busy_share_min and at
+    # most busy_share, which bounds what serving on a shared machine can lose to it; busy_share 1.0
+    # where the trainer has a node or a GPU of its own (num_cpus / num_gpus)
     busy_share: float = 0.2
+    busy_share_min: float = 0.03
     num_cpus: float = 0  # Ray resources the trainer actor asks for: Ray places it where they are
     num_gpus: float = 0
 
@@ -296,6 +298,8 @@ def _validate(cfg: TideConfig) -> None:
         (cfg.redis.keep_versions >= 1, f"redis.keep_versions must be >= 1, not {cfg.redis.keep_versions}"),
         (cfg.online.holdout_records >= 2, f"online.holdout_records must be >= 2, not {cfg.online.holdout_records}"),
         (0 <= cfg.online.busy_share <= 1, f"online.busy_share must be in [0, 1], not {cfg.online.busy_share}"),
+        (0 <= cfg.online.busy_share_min <= cfg.online.busy_share,
+         f"online.busy_share_min must be in [0, online.busy_share], not {cfg.online.busy_share_min}"),
         (cfg.online.num_cpus >= 0 and cfg.online.num_gpus >= 0, "online.num_cpus and online.num_gpus must be >= 0"),
         (cfg.online.drift_lookback >= 0, f"online.drift_lookback must be >= 0, not {cfg.online.drift_lookback}"),
         (cfg.wandb.mode in (None, "online", "offline", "disabled"),

@@ -65,6 +65,9 @@ class Choice:
         return self.source if self.source == NONE else f"{self.source}:{self.length}"
 
 
+BACKLOG_PASSES = 8
+
+
 @dataclass
 class Costs:
     """Milliseconds on this machine, medians of interleaved repeats."""
@@ -74,6 +77,7 @@ class Costs:
     draft_call: float  # one draft layer call over one position
     draft_logits: float  # the draft's LM head and softmax for one position
     lookup: float = 0.0  # one prompt-lookup search
+    feed_pos: float = 0.0  # each further position one draft call reads (a backlog the head has not read)
     history: float = 0.0  # one answer-history search (tune measures it during its replay)
     tree_draft: dict = field(default_factory=dict)  # (depth, topk, nodes) -> one propose_tree
     tree_verify: dict = field(default_factory=dict)  # width -> a pass over [y, nodes] with a tree mask
@@ -102,6 +106,13 @@ class Costs:
         is cut)."""
         n = drafted + (k is not None and drafted < k)
         return (self.draft_call + self.draft_logits) * n
+
+    def feed_ms(self, backlog: int) -> float:
+        """What reading a backlog of verified positions adds to a head draft beyond the one
+        position its first call always reads (positions pile up while a row drafts otherwise or
+        not at all), charged over the BACKLOG_PASSES passes it serves: priced whole, a backlog
+        that grew while the head did not pay would keep it out after it does."""
+        return self.feed_pos * max(0, backlog - 1) / BACKLOG_PASSES
 
     def tree_ms(self, shape: tuple[int, int, int]) -> float:
         """A tree pass: feeding the verified positions, drafting the tree, verifying it."""
@@ -147,6 +158,13 @@ def measure_costs(target: Target, head: DraftHead, context: list[int], max_width
         head(hidden, embed(x[None, -1:]), torch.tensor([n - 2]), draft_cache)
         draft_cache.crop(n - 2)
 
+    backlog = min(32, n - 2)
+    hidden_backlog = head.fuse(feats[None, -backlog:])
+
+    def feed_backlog():
+        head(hidden_backlog, embed(x[None, -backlog:]), torch.arange(n - 2, n - 2 + backlog), draft_cache)
+        draft_cache.crop(n - 2)
+
     def draft_logits():
         torch.softmax(head.logits(hidden)[0, -1].float(), dim=-1).argmax()
 
@@ -172,11 +190,12 @@ def measure_costs(target: Target, head: DraftHead, context: list[int], max_width
         for shape in shapes:
             samples.setdefault(("draft", shape), []).append(timed(lambda: tree_draft(shape)))
         samples.setdefault("call", []).append(timed(draft_call))
+        samples.setdefault("feed", []).append(timed(feed_backlog))
         samples.setdefault("logits", []).append(timed(draft_logits))
         samples.setdefault("lookup", []).append(timed(lambda: lookup_draft(x, 3, 2, 5, 16)))
     med = {key: statistics.median(v) for key, v in samples.items()}
     return Costs(med["step"], [0.0] + [med[w] for w in range(1, max_width + 1)], med["call"], med["logits"],
-                 lookup=med["lookup"],
+                 lookup=med["lookup"], feed_pos=max(0.0, med["feed"] - med["call"]) / max(backlog - 1, 1),
                  # a tree draft as timed here includes the call that feeds the position
                  tree_draft={s: max(0.0, med[("draft", s)] - med["call"]) for s in shapes},
                  tree_verify={w: med[("tree", w)] for w in trees},
@@ -252,7 +271,7 @@ class FixedPolicy:
         self.params = params
         self.counts: dict[str, int] = {}
 
-    def choose(self, offers: dict[str, list[int]], room: int, tree_ok: bool) -> Choice:
+    def choose(self, offers: dict[str, list[int]], room: int, tree_ok: bool, backlog: int = 1) -> Choice:
         p = self.params
         for source in COPIES:
             if offers.get(source):
@@ -296,6 +315,7 @@ class AdaptivePolicy:
         self.passes = self.batched = 0  # steps observed; of them, batched ones (2+ rows)
         self.predicted_tokens = self.tokens = 0.0
         self.predicted_ms = self.ms = 0.0
+        self._gain = [0.0, 0.0]  # decayed: passes' ms, and what they would have cost without drafts
         self.rng = random.Random(seed)  # breaks exact ties only
 
     def _tree_gain(self, shape) -> float:
@@ -306,30 +326,34 @@ class AdaptivePolicy:
         prior = gains[-1] if gains else 0.0
         return (total + prior) / (weight + 1.0)
 
-    def options(self, offers: dict[str, list[int]], room: int, tree_ok: bool) -> list[Choice]:
+    def options(self, offers: dict[str, list[int]], room: int, tree_ok: bool, backlog: int = 1) -> list[Choice]:
+        """backlog: verified positions the head has not read yet (it reads them before drafting)."""
         c, base = self.costs, self.search_ms
         out = [Choice(NONE, 0, None, 1.0, base + c.verify_ms(1))]
+        feed = c.feed_ms(backlog)
         for g, gain in enumerate(self.sources[HEAD].gains(min(self.max_k, room)), 1):
-            out.append(Choice(HEAD, g, None, 1.0 + gain, base + c.chain_draft_ms(g) + c.verify_ms(g + 1)))
+            out.append(Choice(HEAD, g, None, 1.0 + gain, base + feed + c.chain_draft_ms(g) + c.verify_ms(g + 1)))
         if tree_ok:
             for s in self.shapes:
                 if s[2] <= room:
-                    out.append(Choice(TREE, s[2], s, 1.0 + self._tree_gain(s), base + c.tree_ms(s)))
+                    out.append(Choice(TREE, s[2], s, 1.0 + self._tree_gain(s), base + feed + c.tree_ms(s)))
         for source in COPIES:
             tokens = offers.get(source) or []
             for g, gain in enumerate(self.sources[source].gains(min(len(tokens), room, self.max_copy)), 1):
                 out.append(Choice(source, g, None, 1.0 + gain, base + c.verify_ms(g + 1)))
         return out
 
-    def choose(self, offers: dict[str, list[int]], room: int, tree_ok: bool) -> Choice:
-        return max(self.options(offers, room, tree_ok), key=lambda o: (o.expected / o.cost_ms, self.rng.random()))
+    def choose(self, offers: dict[str, list[int]], room: int, tree_ok: bool, backlog: int = 1) -> Choice:
+        return max(self.options(offers, room, tree_ok, backlog),
+                   key=lambda o: (o.expected / o.cost_ms, self.rng.random()))
 
-    def choose_batch(self, asks: list[tuple[dict, int, bool]], extra: int = 0) -> list[Choice]:
-        """One choice per row of a batched step (asks: each row's offers, room, tree_ok), for the
-        most expected tokens per millisecond of the whole step:
+    def choose_batch(self, asks: list[tuple], extra: int = 0) -> list[Choice]:
+        """One choice per row of a batched step (asks: each row's offers, room, tree_ok[, backlog]),
+        for the most expected tokens per millisecond of the whole step:
 
             step ms = rows_ms(extra + sum of widths) + searches + the longest head chain's draft
                       (one batched call per chain step serves every row) + each tree's draft
+                      + each drafting row's backlog (the positions its head has not read)
 
         (extra: prompt tokens prefilled in the same pass.)
 
@@ -344,38 +368,41 @@ class AdaptivePolicy:
             return [one]
         c, B = self.costs, len(asks)
         rows = []
-        for offers, room, tree_ok in asks:
+        for ask in asks:
             opts = []
-            for o in self.options(offers, room, tree_ok):
+            backlog = ask[3] if len(ask) > 3 else 1
+            for o in self.options(*ask):
                 width = 1 + o.length
                 verify = c.tree_verify.get(width, c.verify_ms(width)) if o.source == TREE else c.verify_ms(width)
-                draft = max(0.0, o.cost_ms - self.search_ms - verify)
-                opts.append((o, width, draft if o.source == HEAD else 0.0, draft if o.source == TREE else 0.0))
+                feed = c.feed_ms(backlog) if o.source in (HEAD, TREE) else 0.0
+                draft = max(0.0, o.cost_ms - self.search_ms - verify - feed)
+                opts.append((o, width, draft if o.source == HEAD else 0.0, draft if o.source == TREE else 0.0, feed))
             rows.append(opts)
         picks = [opts[0] for opts in rows]  # options() lists no speculation first
         fixed = self.search_ms * B
         tokens = float(B)
         width = B + extra
-        trees = 0.0
+        serial = 0.0  # each tree's draft and each drafting row's backlog (read in one call, in sum)
         for _ in range(2):
             changed = False
             for i, opts in enumerate(rows):
-                o0, w0, h0, t0 = picks[i]
+                o0, w0, h0, t0, f0 = picks[i]
                 others_chain = max((p[2] for j, p in enumerate(picks) if j != i), default=0.0)
-                base_tokens, base_width, base_trees = tokens - o0.expected, width - w0, trees - t0
+                base_tokens, base_width, base_serial = tokens - o0.expected, width - w0, serial - t0 - f0
 
                 def rate(t):
-                    o, w, h, tr = t
-                    ms = c.rows_ms(base_width + w) + fixed + max(others_chain, h) + base_trees + tr
+                    o, w, h, tr, f = t
+                    ms = c.rows_ms(base_width + w) + fixed + max(others_chain, h) + base_serial + tr + f
                     return (base_tokens + o.expected) / ms
 
                 best = max(opts, key=rate)
                 if best is not picks[i] and rate(best) > rate(picks[i]):
                     picks[i], changed = best, True
-                    tokens, width, trees = base_tokens + best[0].expected, base_width + best[1], base_trees + best[3]
+                    tokens, width = base_tokens + best[0].expected, base_width + best[1]
+                    serial = base_serial + best[3] + best[4]
             if not changed:
                 break
-        self._step_ms = c.rows_ms(width) + fixed + max(p[2] for p in picks) + trees
+        self._step_ms = c.rows_ms(width) + fixed + max(p[2] for p in picks) + serial
         return [p[0] for p in picks]
 
     def observe_batch(self, choices: list[Choice], accepted: list[int], head_views: list, draft_s: float,
@@ -400,6 +427,8 @@ class AdaptivePolicy:
         self.predicted_ms += getattr(self, "_step_ms", 0.0) or 1000 * (draft_s + verify_s)
         self.tokens += sum(a + 1 for a in accepted)
         self.ms += 1000 * (draft_s + verify_s)
+        plain = (c.rows_ms(extra + len(choices)) + self.search_ms * len(choices)) / len(choices)
+        self._earned(sum(a + 1 for a in accepted), 1000 * (draft_s + verify_s), plain)
 
     def _learn(self, choice: Choice, accepted: int, head_view) -> None:
         for tracker in self.sources.values():
@@ -427,6 +456,20 @@ class AdaptivePolicy:
         self.predicted_ms += choice.cost_ms
         self.tokens += accepted + 1
         self.ms += 1000 * (draft_s + verify_s)
+        self._earned(accepted + 1, 1000 * (draft_s + verify_s), self.costs.verify_ms(1) + self.search_ms)
+
+    def _earned(self, tokens: int, ms: float, plain_ms: float) -> None:
+        """A pass made `tokens` in `ms`; without drafts each token costs `plain_ms` (the cost
+        model's pass of no speculation, mended by the passes that take it)."""
+        g = self._gain
+        g[0] = g[0] * self.decay + ms
+        g[1] = g[1] * self.decay + tokens * plain_ms
+
+    def gain(self) -> float | None:
+        """What speculation earns now: the recent passes' tokens per ms over what passes without
+        drafts would have made (1.0: nothing; the trainer may spend what is above it)."""
+        ms, plain = self._gain
+        return plain / ms if ms > 0 else None
 
     def _refine(self, choice: Choice, draft_ms: float, verify_ms: float) -> None:
         """Move the cost of what this pass did towards what it took: a cost measured at startup
@@ -471,6 +514,7 @@ class AdaptivePolicy:
             "tree_accepted": {":".join(map(str, s)): round(self._tree_gain(s), 3) for s in self.shapes},
             "predicted_speedup": speedup(self.predicted_tokens, self.predicted_ms),
             "measured_speedup": speedup(self.tokens, self.ms),
+            "gain": None if self.gain() is None else round(self.gain(), 3),
             "costs_ms": {"target_step": round(step, 2), "verify": [round(v, 2) for v in c.verify[1:]],
                          "draft_call": round(c.draft_call, 3), "draft_logits": round(c.draft_logits, 3)},
         }

@@ -304,7 +304,7 @@ def speculative_generate(target: Target, head: DraftHead, prompt_ids: list[int],
         t0 = time.perf_counter()
         tops = [] if greedy else None
         offers = draft_offers(s.sequence, params, history, room)
-        choice = policy.choose(offers, room, greedy)
+        choice = policy.choose(offers, room, greedy, int(s.pending_tokens.shape[0]))
         if choice.source == TREE:
             dt = propose_tree(head, embed, feed_pending(head, embed, s), s.draft_cache, s.length, *choice.shape)
             t1 = time.perf_counter()

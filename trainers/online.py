@@ -8,8 +8,10 @@ average of served acceptance length. Training runs while
 Eval gate: every `eval_every` steps the candidate and the serving draft are scored on the same
 held-out records (simulated acceptance length, tide's train step metrics); the candidate is
 published as the next version only if it wins by `gate_margin`.
-Idle compute (TLT): while any replica is serving requests (the load board), the trainer trains at
-most `busy_share` of the time and sleeps the rest; while they all idle it trains at full speed.
+Idle compute (TLT): while they all idle the trainer trains at full speed; while any replica is
+serving requests (the load board) it trains only the share of the time that speculation earns
+them (gain - 1: what drafting saves pays for it), between `busy_share_min` and `busy_share`, and
+sleeps the rest: with a draft that earns nothing, serving loses almost nothing to it.
 Training uses the same `train_step` as the offline warm start; only the batch source differs:
 half of each batch from the newest records (the traffic as it is now), half replayed from the
 buffer, at `online.lr` (fine-tuning a warm head at the warm start's rate undid it).
@@ -74,6 +76,7 @@ class OnlineTrainer:
         self.load = load  # a LoadBoard: replicas serving now (None: never yield)
         self.train_s = {"busy": 0.0, "idle": 0.0}  # time spent training while serving was busy / idle
         self.yielded_s = 0.0  # time spent not training because serving was busy
+        self.share_now = cfg.online.busy_share  # the share of busy time it last allowed itself
         self.consumer, self.on_metrics = consumer, on_metrics or (lambda m: None)
         self.head, self.version = self._initial_head()
         self.head.float()
@@ -257,6 +260,21 @@ class OnlineTrainer:
         self.on_metrics({"trainer/published_version": version})
         log.info("published draft v%d (held-out sim. acceptance %s)", version, self.last_gate)
 
+    def busy_share(self) -> float:
+        """The share of the time to train while serving is busy: what speculation earns the
+        replicas (their lowest gain - 1), between online.busy_share_min and online.busy_share;
+        the least where they report none or the board cannot be read."""
+        o = self.cfg.online
+        if o.busy_share >= 1 or self.load is None:
+            return o.busy_share
+        try:
+            gain = self.load.gain()
+        except TransportError:
+            gain = None
+        earned = 0.0 if gain is None else gain - 1
+        self.share_now = min(o.busy_share, max(o.busy_share_min, earned))
+        return self.share_now
+
     def serving_busy(self) -> bool:
         """Whether a replica is serving requests now (unknown counts as busy: serving first)."""
         if self.load is None or self.cfg.online.busy_share >= 1:
@@ -267,13 +285,13 @@ class OnlineTrainer:
             return True
 
     def run(self, stop: threading.Event) -> None:
-        share = self.cfg.online.busy_share
         while not stop.is_set():
             try:
                 self.ingest(block_ms=50 if self.should_train() else 500)
                 if not self.should_train():
                     continue
                 busy = self.serving_busy()
+                share = self.busy_share() if busy else 1.0
                 if busy and share <= 0:
                     self.yielded_s += 0.1
                     stop.wait(0.1)
@@ -282,8 +300,10 @@ class OnlineTrainer:
                 self.train_once()
                 spent = time.monotonic() - t0
                 self.train_s["busy" if busy else "idle"] += spent
-                if busy or self.serving_busy():  # keep to busy_share of the time while serving
-                    pause = spent * (1 - share) / share
+                if not busy and self.serving_busy():  # serving started during the step
+                    share = self.busy_share()
+                if share < 1:  # keep to the share of the time while serving
+                    pause = spent * (1 - share) / share if share > 0 else spent
                     self.yielded_s += pause
                     stop.wait(pause)
             except TransportError as e:
@@ -305,4 +325,5 @@ class OnlineTrainer:
             "published": self.published[-20:], "enabled": self.cfg.online.enabled,
             "train_s_busy": round(self.train_s["busy"], 1), "train_s_idle": round(self.train_s["idle"], 1),
             "yielded_s": round(self.yielded_s, 1), "serving_busy": self.serving_busy(),
+            "busy_share": self.share_now,
         }

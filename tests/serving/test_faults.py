@@ -139,6 +139,28 @@ def test_nan_oversized_unsigned_and_bad_metadata_updates_are_rejected(redis_serv
     engine.stop()
 
 
+def test_the_load_board_reports_the_lowest_gain_of_the_busy_replicas(redis_server):
+    """Redis and its in-memory twin alike: a gain counts while its replica's mark holds; an
+    unmarked or expired replica's, or a value that is not a number, does not."""
+    from tide.transport.memory import MemoryLoadBoard
+    from tide.transport.redis_transport import RedisLoadBoard
+
+    client = connect(redis_server.url)
+    for board in (RedisLoadBoard(client, "gain"), MemoryLoadBoard()):
+        assert board.busy() == 0 and board.gain() is None
+        board.mark("a", True, 60, gain=1.4)
+        board.mark("b", True, 60)  # reports none
+        assert board.busy() == 2 and board.gain() == pytest.approx(1.4)
+        board.mark("c", True, 0.2, gain=1.1)
+        assert board.gain() == pytest.approx(1.1)
+        time.sleep(0.3)  # c stops refreshing its mark
+        assert board.busy() == 2 and board.gain() == pytest.approx(1.4)
+        board.mark("a", False, 0, gain=1.4)
+        assert board.gain() is None
+    client.hset("gain:gain", "b", "not a number")
+    assert RedisLoadBoard(client, "gain").gain() is None
+
+
 def test_the_version_pointer_never_moves_back(redis_server):
     for channel in (RedisWeightChannel(connect(redis_server.url), "fwd"), MemoryWeightChannel()):
         channel.publish(5, b"five", {"v": 5})

@@ -151,6 +151,30 @@ def test_a_long_prompt_joins_without_stalling_the_running_rows(tiny):
     assert done["short"].g.tokens == target_generate(tiny, short.prompt, short.params, max_context=512).tokens
 
 
+def test_the_head_reads_a_prompt_as_it_prefills(tiny):
+    """Chunk by chunk the head reads the prompt into its cache (the keys and values of reading it
+    in one call), all but the last position: the first draft reads one position, not the prompt
+    (it read hundreds, unpriced, in the step that drafted first)."""
+    from tide.draft_head import DraftCache
+
+    head = _good_head(tiny)
+    prompt = _prompts(1, seed=6, lo=40, hi=41)[0]
+    dec = BatchDecoder(tiny, head, slots=2, max_context=256, prefill_chunk=7)
+    dec.admit(Request(prompt, DecodeConfig(k=3, max_new_tokens=4), rid="a"))
+    while dec.joining:
+        dec.step()
+    row = dec.running[0]
+    assert dec.heads.lengths[row.slot] == len(prompt) - 1 and row.pending_t == [row.y] and len(row.pending_f) == 1
+    feats = target_forward(tiny, torch.tensor([prompt]), None).features[: len(prompt) - 1]
+    whole = DraftCache()
+    head(head.fuse(feats[None]), tiny.embed(torch.tensor([prompt[1:]])), torch.arange(len(prompt) - 1), whole)
+    k, v = dec.heads.kv.read([row.slot], len(prompt) - 1)
+    torch.testing.assert_close(k, whole.k, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(v, whole.v, atol=1e-5, rtol=1e-4)
+    done = _serve(dec, [])
+    assert done["a"].g.tokens == target_generate(tiny, prompt, DecodeConfig(k=3, max_new_tokens=4), 256).tokens
+
+
 def test_a_row_whose_callback_says_stop_ends_there(tiny):
     seen = []
 

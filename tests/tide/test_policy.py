@@ -1,6 +1,8 @@
 """The speculation controller (tide.policy): what it picks for drafts that never or always hit,
 how it prices trees and copies, and that its cost model predicts what passes cost here."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -46,6 +48,19 @@ def test_a_draft_that_always_hits_is_used_to_full_length():
                   view_of=lambda c, a: (a, a, None) if c.source in (HEAD, TREE) else None)
     assert all(c.label == "head:5" for c in picked[-100:])
     assert policy.stats()["acceptance"]["head"][:4] == pytest.approx([1.0] * 4, abs=0.02)
+
+
+def test_a_backlog_the_head_must_read_first_is_priced_over_the_passes_it_serves():
+    """A head that always hits drafts with a backlog of a few positions, not of thousands (read
+    first, they cost more than its chain gains, even charged over BACKLOG_PASSES passes); a
+    batched step drafts for the rows without one."""
+    policy = AdaptivePolicy(replace(_costs(), feed_pos=1.0), max_k=5, refine=0.0)
+    _run(policy, 100, lambda c: c.length, view_of=lambda c, a: (a, a, None) if c.source == HEAD else None)
+    assert policy.choose({}, 1000, False, backlog=1).label == "head:5"
+    assert policy.choose({}, 1000, False, backlog=9).source == HEAD
+    assert policy.choose({}, 1000, False, backlog=5000).source == NONE
+    both = policy.choose_batch([({}, 1000, False, 1), ({}, 1000, False, 5000)])
+    assert both[0].source == HEAD and both[1].source == NONE
 
 
 def test_a_copy_is_taken_where_it_pays_and_cut_where_its_tail_misses():

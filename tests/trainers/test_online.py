@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from tests.conftest import tiny_target
@@ -156,8 +157,8 @@ def test_starts_on_a_bf16_target_whose_linears_take_tide_kernels():
 
 def test_trains_on_idle_compute_and_yields_while_replicas_serve():
     """busy_share=0: no step while a replica is marked busy, full speed once it is idle; a mark
-    that is not refreshed expires (a dead replica is not busy). busy_share=0.5: after each step
-    taken while serving, a pause as long as the step."""
+    that is not refreshed expires (a dead replica is not busy). busy_share=0.5 and replicas
+    earning 1.8x: after each step taken while serving, a pause as long as the step."""
     import threading
     import time
 
@@ -188,7 +189,7 @@ def test_trains_on_idle_compute_and_yields_while_replicas_serve():
         stop.set()
         thread.join(10)
     cfg.online.busy_share = 0.5
-    board.mark("r0", True, ttl_s=60)
+    board.mark("r0", True, ttl_s=60, gain=1.8)
     before = trainer.yielded_s
     stop = threading.Event()
     thread = threading.Thread(target=trainer.run, args=(stop,), daemon=True)
@@ -198,6 +199,27 @@ def test_trains_on_idle_compute_and_yields_while_replicas_serve():
     thread.join(10)
     assert trainer.train_s["busy"] > 0
     assert trainer.yielded_s - before >= 0.8 * trainer.train_s["busy"]  # half the time, at most
+
+
+def test_while_serving_the_trainer_takes_the_share_that_speculation_earns():
+    """gain - 1 of the busy time (the lowest gain among busy replicas), between busy_share_min
+    and busy_share; the least where no replica reports a gain or none is busy with one."""
+    from tide.transport.memory import MemoryLoadBoard
+
+    cfg = TideConfig()
+    cfg.draft.vocab_size = 96
+    cfg.online.busy_share, cfg.online.busy_share_min = 0.2, 0.03
+    board = MemoryLoadBoard()
+    trainer = OnlineTrainer(cfg, tiny_target(), MemoryRecordStream(), MemoryWeightChannel(), load=board)
+    board.mark("r0", True, ttl_s=60)
+    assert trainer.busy_share() == 0.03  # no gain reported: serving first
+    board.mark("r0", True, ttl_s=60, gain=1.1)
+    assert trainer.busy_share() == pytest.approx(0.1)
+    board.mark("r1", True, ttl_s=60, gain=0.9)  # a replica that drafting costs: the least
+    assert trainer.busy_share() == 0.03
+    board.mark("r1", False, ttl_s=0)
+    board.mark("r0", True, ttl_s=60, gain=2.5)
+    assert trainer.busy_share() == 0.2 and trainer.stats()["busy_share"] == 0.2
 
 
 def test_malformed_records_are_skipped_and_counted_never_fatal():

@@ -51,9 +51,12 @@ class WeightChannel(Protocol):
 
 
 class LoadBoard(Protocol):
-    """Which replicas are serving requests now, so that a trainer sharing their machine can back
-    off (`online.busy_share`). A replica's mark expires by itself (a dead replica is not busy)."""
+    """Which replicas are serving requests now, and what speculation earns them, so that a
+    trainer sharing their machine can back off (`online.busy_share`). A replica's mark expires
+    by itself (a dead replica is not busy)."""
 
-    def mark(self, replica: str, busy: bool, ttl_s: float) -> None: ...
+    def mark(self, replica: str, busy: bool, ttl_s: float, gain: float | None = None) -> None: ...
 
     def busy(self) -> int: ...  # replicas marked busy and not expired
+
+    def gain(self) -> float | None: ...  # the lowest gain the busy replicas reported (None: none did)

@@ -77,13 +77,22 @@ class MemoryWeightChannel:
 class MemoryLoadBoard:
     def __init__(self):
         self._until: dict[str, float] = {}
+        self._gain: dict[str, float] = {}
 
-    def mark(self, replica: str, busy: bool, ttl_s: float) -> None:
+    def mark(self, replica: str, busy: bool, ttl_s: float, gain: float | None = None) -> None:
+        self._gain.pop(replica, None)
         if busy:
             self._until[replica] = time.monotonic() + ttl_s
+            if gain is not None:
+                self._gain[replica] = float(gain)
         else:
             self._until.pop(replica, None)
 
     def busy(self) -> int:
         now = time.monotonic()
         return sum(1 for t in self._until.values() if t > now)
+
+    def gain(self) -> float | None:
+        now = time.monotonic()
+        gains = [self._gain[r] for r, t in self._until.items() if t > now and r in self._gain]
+        return min(gains, default=None)

@@ -260,16 +260,37 @@ class RedisWeightChannel:
 class RedisLoadBoard:
     def __init__(self, client: redis.Redis, prefix: str = "tide"):
         self.r = client
-        self.key = f"{prefix}:busy"
+        self.key = f"{prefix}:busy"  # replica -> until when it is busy
+        self.gains = f"{prefix}:gain"  # replica -> what speculation earns it (a float's text)
 
-    def mark(self, replica: str, busy: bool, ttl_s: float) -> None:
+    def mark(self, replica: str, busy: bool, ttl_s: float, gain: float | None = None) -> None:
         try:
+            pipe = self.r.pipeline()
             if busy:
-                self.r.zadd(self.key, {replica: time.time() + ttl_s})
+                pipe.zadd(self.key, {replica: time.time() + ttl_s})
             else:
-                self.r.zrem(self.key, replica)
+                pipe.zrem(self.key, replica)
+            if busy and gain is not None:
+                pipe.hset(self.gains, replica, repr(float(gain)))
+            else:
+                pipe.hdel(self.gains, replica)
+            pipe.execute()
         except redis.RedisError as e:
             raise TransportError(f"load mark failed: {e}") from e
+
+    def gain(self) -> float | None:
+        try:
+            busy = self.r.zrangebyscore(self.key, time.time(), "+inf")
+            values = self.r.hmget(self.gains, busy) if busy else []
+        except redis.RedisError as e:
+            raise TransportError(f"load read failed: {e}") from e
+        gains = []
+        for v in values:
+            try:
+                gains.append(float(v))
+            except (TypeError, ValueError):  # not reported, or not a number: ignored
+                continue
+        return min((g for g in gains if g == g), default=None)
 
     def busy(self) -> int:
         try:
