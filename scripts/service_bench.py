@@ -292,7 +292,11 @@ def bench(args, out: Path, ports: dict, runs: dict) -> int:
                     passes = sum(r["verify_passes"] for r in ok)
                     accepted = sum(r["accepted_tokens"] for r in ok)
                     sl["accept"] = round((accepted + passes) / passes, 3) if passes else None
-                    sl["choices"] = {p["replica"]: p["choices"] for p in status(runs["tide"]).get("policy", [])}
+                    st = status(runs["tide"])
+                    sl["choices"] = {p["replica"]: p["choices"] for p in st.get("policy", [])}
+                    sl["gain"] = {p["replica"]: p.get("gain") for p in st.get("policy", [])}
+                    sl["trainer"] = {k: (st.get("trainer") or {}).get(k) for k in
+                                     ("trainer_step", "busy_share", "train_s_busy", "train_s_idle")}
                 slices.append(sl)
             rnd += 1
             done = sum(len(v) for v in results["tide"].values())

@@ -29,6 +29,24 @@ from tide.transport.redis_transport import (
 _DONE = object()
 
 
+def text_deltas(arrivals, detokenize):
+    """{"tokens": [...], "text": the new text} per arrival ((token lists, whether it is the last)),
+    the text of all tokens so far decoded once per arrival; held back while a multi-byte
+    character is incomplete, but for the last."""
+    tokens: list[int] = []
+    new: list[int] = []
+    sent = ""
+    for chunks, last in arrivals:
+        for chunk in chunks:
+            new += chunk
+            tokens += chunk
+        if new:
+            text = detokenize(tokens)
+            if last or not text.endswith("\ufffd"):
+                yield {"tokens": new, "text": text[len(sent):]}
+                new, sent = [], max(text, sent, key=len)
+
+
 @ray.remote(max_concurrency=16)
 class ServingActor:
     def __init__(self, cfg: dict, redis_url: str, replica: str, weights_key: str | None = None):
@@ -83,7 +101,10 @@ class ServingActor:
         return result
 
     def generate_stream(self, prompt_ids: list[int], params: dict, request_id: str | None = None):
-        """Yields {"tokens": [...]} per verify pass, then the final result dict."""
+        """Yields {"tokens": [...], "text": the new text} as verify passes finish (those that
+        finished while the caller read the last one, together; text held back while a multi-byte
+        character is incomplete), then the final result dict. Detokenized here, once per item:
+        the HTTP front called detokenize on the replica for every item."""
         q: queue.Queue = queue.Queue()
         box = {}
         params = dict(params)
@@ -98,8 +119,17 @@ class ServingActor:
             q.put(_DONE)
 
         threading.Thread(target=work, daemon=True).start()
-        while (item := q.get()) is not _DONE:
-            yield {"tokens": item}
+
+        def arrivals():  # what finished while the last item was read: one item, not one each
+            while True:
+                items = [q.get()]
+                while not q.empty():
+                    items.append(q.get_nowait())
+                yield [i for i in items if i is not _DONE], _DONE in items
+                if _DONE in items:
+                    return
+
+        yield from text_deltas(arrivals(), self.detokenize)
         if "error" in box:
             raise box["error"]
         result = box["result"]

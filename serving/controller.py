@@ -336,6 +336,9 @@ class Controller:
             vals = [(p[f"{kind}_speedup"], p["passes"]) for p in policies if p.get(f"{kind}_speedup")]
             if vals and passes:
                 row[f"{kind}_speedup"] = round(sum(v * n for v, n in vals) / sum(n for _, n in vals), 4)
+        gains = [p["gain"] for p in policies if p.get("gain") is not None]
+        if gains:  # what the trainer is told speculation earns (the lowest replica's)
+            row["speculation_gain"] = min(gains)
         return row
 
     def _stream_stats(self) -> dict | None:
@@ -374,7 +377,7 @@ class Controller:
             "trainer_step": (trainer or {}).get("trainer_step"),
             # what each replica's speculation policy drafts, and its predicted vs measured speedup
             "policy": [{"replica": r["replica"], **{k: r["policy"].get(k) for k in
-                        ("choices", "predicted_speedup", "measured_speedup", "acceptance")}}
+                        ("choices", "predicted_speedup", "measured_speedup", "gain", "acceptance")}}
                        for r in live if r.get("policy")],
             "last_swap": max(({"at": r["last_swap_at"], "latency_s": r["last_swap_latency_s"],
                                "replica": r["replica"]} for r in live if r.get("last_swap_at")),

@@ -459,6 +459,7 @@ class ServingEngine:
         s = dict(self.stats_)
         s.update(replica=self.replica, draft_version=self.version, queued=len(self._queue),
                  batch=len(self.decoder.running), slots=self.decoder.slots,
+                 mean_batch=round(self.decoder.rows_stepped / max(self.decoder.steps, 1), 2),
                  kv_cache_mb=round(self.decoder.nbytes / 2**20, 1), steps=self.decoder.steps, pid=os.getpid())
         if self.writer is not None:
             s.update(records_written=self.writer.written, records_dropped=self.writer.dropped,

@@ -218,7 +218,7 @@ def build_app(actors: list, model_id: str, max_context: int, vocab: int, cfg: Se
                 out["usage"] = usage
             return f"data: {json.dumps(out)}\n\n"
 
-        tokens: list[int] = []
+        streamed = ""  # the text the replica streamed so far
         finished = False
         try:
             gen = actor.generate_stream.options(num_returns="streaming").remote(ids, params, rid)
@@ -228,10 +228,7 @@ def build_app(actors: list, model_id: str, max_context: int, vocab: int, cfg: Se
                     counters["client_gone"] += 1
                     return  # `finally` stops the decoding
                 if "tokens" in item and "request_id" not in item:
-                    tokens += item["tokens"]
-                    text = await asyncio.wait_for(actor.detokenize.remote(tokens), SMALL_CALL_S)
-                    if text.endswith("\ufffd"):
-                        continue  # a multi-byte character is still incomplete
+                    text = streamed = streamed + item["text"]
                     text, _ = cut_at_stop(text, stops)
                     if len(text) > len(sent):
                         yield chunk(text[len(sent):])

@@ -115,6 +115,7 @@ class BatchDecoder:
                             default=1 << 30)
         self.steps = 0
         self.last_batch = 0
+        self.rows_stepped = 0  # rows over all decode steps: their mean is the batch served
 
     @property
     def nbytes(self) -> int:
@@ -302,6 +303,7 @@ class BatchDecoder:
                 accepted.append(0)
         self.steps += 1
         self.last_batch = len(rows)
+        self.rows_stepped += len(rows)
         if self.policy is not None and hasattr(self.policy, "observe_batch"):
             views = [self._head_view(d, a) for d, a in zip(drafts, accepted)]
             self.policy.observe_batch([d.choice for d in drafts], accepted, views, t1 - t0, t2 - t_pass,

@@ -324,3 +324,19 @@ def test_client_disconnect_mid_stream_frees_the_replica(server, client):
     assert _slots_free(server)
     out = client.completions.create(model="m", prompt="hi", max_tokens=8, temperature=0)
     assert out.choices[0].text is not None
+
+
+def test_streamed_text_holds_back_an_incomplete_character_and_coalesces_arrivals():
+    """The replica decodes once per arrival (what finished while the last item was read) and
+    sends only the new text; a multi-byte character split across passes waits for its end."""
+    from serving.actor import text_deltas
+
+    def detok(tokens):  # byte-level: a token is a byte
+        return bytes(tokens).decode("utf-8", errors="replace")
+
+    e = list("é".encode())
+    out = list(text_deltas([([[104, 105]], False), ([[32, e[0]]], False), ([[e[1]], [33]], False), ([], True)],
+                           detok))
+    assert [o["text"] for o in out] == ["hi", " é!"]
+    assert [o["tokens"] for o in out] == [[104, 105], [32, e[0], e[1], 33]]
+    assert "".join(o["text"] for o in text_deltas([([[e[0]]], True)], detok)) == "\ufffd"  # the end: as is
