@@ -144,6 +144,7 @@ class OnlineConfig:
     # where the trainer has a node or a GPU of its own (num_cpus / num_gpus)
     busy_share: float = 0.2
     busy_share_min: float = 0.03
+    niceness: int = 19  # the trainer's OS priority (Linux nice): below serving's where they share cores
     num_cpus: float = 0  # Ray resources the trainer actor asks for: Ray places it where they are
     num_gpus: float = 0
 
@@ -298,6 +299,7 @@ def _validate(cfg: TideConfig) -> None:
         (cfg.redis.keep_versions >= 1, f"redis.keep_versions must be >= 1, not {cfg.redis.keep_versions}"),
         (cfg.online.holdout_records >= 2, f"online.holdout_records must be >= 2, not {cfg.online.holdout_records}"),
         (0 <= cfg.online.busy_share <= 1, f"online.busy_share must be in [0, 1], not {cfg.online.busy_share}"),
+        (0 <= cfg.online.niceness <= 19, f"online.niceness must be in [0, 19], not {cfg.online.niceness}"),
         (0 <= cfg.online.busy_share_min <= cfg.online.busy_share,
          f"online.busy_share_min must be in [0, online.busy_share], not {cfg.online.busy_share_min}"),
         (cfg.online.num_cpus >= 0 and cfg.online.num_gpus >= 0, "online.num_cpus and online.num_gpus must be >= 0"),

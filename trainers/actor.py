@@ -19,12 +19,23 @@ from tide.transport.redis_transport import RedisLoadBoard, RedisRecordStream, Re
 from trainers.online import OnlineTrainer
 
 
+def lower_priority(niceness: int) -> int:
+    """Run this process at least this nice (never raised back: that needs privileges), so that
+    where the trainer shares cores with serving the OS scheduler serves first. Returns the
+    niceness in effect."""
+    now = os.nice(0)
+    if niceness > now:
+        now = os.nice(niceness - now)
+    return now
+
+
 @ray.remote(max_concurrency=4)
 class TrainerActor:
     def __init__(self, cfg: dict, redis_url: str, weights_key: str | None = None):
         bound_heap(arenas=2, mmap_threshold=4 << 20)  # see tide/malloc.py
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         self.cfg = from_dict(cfg)
+        lower_priority(self.cfg.online.niceness)
         torch.set_num_threads(max(1, self.cfg.online.threads))
         client = connect(redis_url, timeout_s=5.0)
         rc = self.cfg.redis

@@ -30,6 +30,8 @@ def _cfg(model_dir, prefix) -> TideConfig:
     o = cfg.online
     o.min_records, o.eval_every, o.gate_margin, o.goal_accept_len = 4, 5, 0.0, 100.0
     o.holdout_every, o.patience, o.threads = 3, 10_000, 1
+    # as on a node of its own: a fixed policy reports no gain, and yielding is tested elsewhere
+    o.busy_share = 1.0
     cfg.redis.prefix = prefix
     return cfg
 

@@ -1,5 +1,6 @@
 """The online trainer's control logic with in-memory transports and a tiny target."""
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -265,3 +266,16 @@ def test_replay_buffer_is_bounded_in_bytes():
         trainer._buffer(rec)
     assert trainer.buffer_bytes <= 1 << 20 and trainer.buffer_bytes == size * len(trainer.buffer)
     assert len(trainer.buffer) == (1 << 20) // size
+
+
+def test_the_trainer_runs_below_serving_s_os_priority():
+    """online.niceness: the trainer's process is made at least that nice, never less nice
+    (in a child process: niceness cannot be taken back)."""
+    import subprocess
+    import sys
+
+    code = ("import os; from trainers.actor import lower_priority; "
+            "print(lower_priority(7), lower_priority(3), os.nice(0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    base = os.nice(0)
+    assert out == [str(max(7, base))] * 3
